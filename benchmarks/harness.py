@@ -1,0 +1,207 @@
+"""Shared benchmark harness (pytest-benchmark).
+
+Each ``bench_<stem>.py`` builds a case (inputs + one callable per provider and mode) and
+calls :func:`run_case`. The harness times the callable with pytest-benchmark, measures peak
+memory once (CUDA: the allocator's peak; CPU: the process's peak RSS above the level before
+the call, from /proc/self/status after resetting it through /proc/self/clear_refs), and
+stores machine-readable facts in ``benchmark.extra_info`` (provider, mode, shapes, dtype,
+device name, versions, git commit, peak MB, FLOPs and rate when given).
+
+Providers every family offers: ``reference`` (eager upstream semantics), ``compile``
+(``torch.compile(reference)``), ``torch`` (the kd_kernels PyTorch path), and on GPU
+``triton`` / ``cuda`` when built. Modes: ``fwd``, ``bwd``, ``fwd_bwd``.
+
+A provider whose predicted memory exceeds what the device has is skipped with the
+predicted figure in the reason (never run into an OOM on purpose on the CPU machine).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import platform
+import subprocess
+from typing import Callable
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+
+
+@functools.lru_cache(None)
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__), stderr=subprocess.DEVNULL, text=True
+        ).strip()
+    except Exception:
+        return "unknown"
+
+
+@functools.lru_cache(None)
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def available_memory_bytes(device: str) -> int:
+    """Free memory a provider may use on ``device``."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory (MB) that one call of ``fn`` allocates above the level before it."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    except OSError:
+        return float("nan")
+    base = _rss_kb("VmRSS")
+    out = fn()
+    peak = _rss_kb("VmHWM") - base
+    del out
+    return max(peak, 0) / 1024
+
+
+def make_mode_fn(loss_fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor], mode: str) -> Callable[[], object]:
+    """Wrap ``loss_fn`` (no-arg, returns a scalar loss) as the timed callable for ``mode``.
+
+    ``bwd`` times only the backward: the forward runs untimed in pytest-benchmark's setup.
+    Returns ``(fn, setup)``; ``setup`` is None except for ``bwd``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    def clear():
+        for t in inputs:
+            t.grad = None
+
+    if mode == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                return loss_fn()
+
+        return fwd, None
+    if mode == "fwd_bwd":
+
+        def fwd_bwd():
+            clear()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        return fwd_bwd, None
+    state = {}
+
+    def setup():
+        clear()
+        state["loss"] = loss_fn()
+
+    def bwd():
+        state.pop("loss").backward()
+
+    return bwd, setup
+
+
+def run_case(
+    benchmark,
+    *,
+    family: str,
+    op: str,
+    provider: str,
+    mode: str,
+    loss_fn: Callable[[], torch.Tensor],
+    inputs: list[torch.Tensor],
+    device: str,
+    shape: dict,
+    dtype: torch.dtype,
+    flops: float | None = None,
+    predicted_bytes: float | None = None,
+    rounds: int | None = None,
+) -> None:
+    """Time one (op, provider, mode, shape) case and record its facts.
+
+    Args:
+        benchmark: the pytest-benchmark fixture.
+        loss_fn: no-arg callable returning the scalar loss (inputs captured).
+        inputs: the leaf tensors that receive gradients (cleared between rounds).
+        predicted_bytes: the provider's expected peak; the case is skipped when it exceeds
+            80% of the free memory, with the figure in the reason.
+        flops: useful floating-point work of one call in ``mode``, for the TFLOP/s column.
+    """
+    import pytest
+
+    if predicted_bytes is not None and predicted_bytes > 0.8 * available_memory_bytes(device):
+        pytest.skip(
+            f"{provider} would need ~{predicted_bytes / 2**30:.1f} GiB on {device}, "
+            f"more than 80% of the {available_memory_bytes(device) / 2**30:.1f} GiB free"
+        )
+    fn, setup = make_mode_fn(loss_fn, inputs, mode)
+    if setup is None:
+        peak = peak_memory_mb(fn, device)
+    else:
+        setup()
+        peak = peak_memory_mb(fn, device)
+    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+
+    def timed():
+        fn()
+        sync()
+
+    benchmark.extra_info.update(
+        family=family,
+        op=op,
+        provider=provider,
+        mode=mode,
+        shape=shape,
+        dtype=str(dtype).replace("torch.", ""),
+        device=device_name(device),
+        torch=torch.__version__,
+        triton=_triton_version(),
+        commit=git_commit(),
+        peak_mb=round(peak, 2),
+        flops=flops,
+    )
+    n = rounds or (3 if device == "cpu" else 20)
+    if setup is None:
+        benchmark.pedantic(timed, rounds=n, iterations=1, warmup_rounds=1)
+    else:
+        benchmark.pedantic(timed, setup=setup, rounds=n, iterations=1, warmup_rounds=1)
+    stats = benchmark.stats.stats
+    if flops:
+        benchmark.extra_info["tflops"] = round(flops / stats.median / 1e12, 4)
+
+
+def _triton_version():
+    from kd_kernels._backend import triton_version
+
+    return triton_version()

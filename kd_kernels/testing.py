@@ -1,0 +1,62 @@
+"""Helpers for tests and benchmarks: comparisons that explain their failures, and the
+dtype tolerances of the project (CONVENTIONS.md §7)."""
+
+from __future__ import annotations
+
+import torch
+
+# (rtol, atol) for comparing a kernel's output in this dtype against the float64 reference.
+# fp32: near 1e-5 relative. fp16/bf16: use ``assert_close_2x`` (the 2x rule) instead where
+# plain PyTorch in that dtype is available as a yardstick; these are the fallbacks.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-11),
+    torch.float32: (2e-5, 1e-6),
+    torch.float16: (2e-2, 2e-3),
+    torch.bfloat16: (5e-2, 1e-2),
+}
+
+
+def error_report(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> str:
+    """Max/mean absolute and relative error and the mismatch count, as one line."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    if a.shape != e.shape:
+        return f"shape mismatch: actual {tuple(a.shape)} vs expected {tuple(e.shape)}"
+    diff = (a - e).abs()
+    tol = atol + rtol * e.abs()
+    bad = ~(diff <= tol)  # NaN counts as bad
+    rel = diff / e.abs().clamp_min(1e-300)
+    n = max(diff.numel(), 1)
+    return (
+        f"max abs err {diff.max().item() if diff.numel() else 0:.3e}, mean abs err "
+        f"{diff.sum().item() / n:.3e}, max rel err {rel.max().item() if rel.numel() else 0:.3e}, "
+        f"mismatches {int(bad.sum())}/{diff.numel()} (rtol={rtol:g}, atol={atol:g})"
+    )
+
+
+def assert_close(actual, expected, *, rtol: float | None = None, atol: float | None = None, name: str = "value"):
+    """Assert ``|actual - expected| <= atol + rtol*|expected|`` elementwise (NaN fails).
+
+    Tolerances default to ``TOLERANCES[actual.dtype]``. The failure message carries the
+    max/mean error and the mismatch count.
+    """
+    if expected is None or actual is None:
+        assert actual is None and expected is None, f"{name}: one of actual/expected is None ({actual is None}, {expected is None})"
+        return
+    d_rtol, d_atol = TOLERANCES.get(actual.dtype, (1e-5, 1e-6))
+    rtol = d_rtol if rtol is None else rtol
+    atol = d_atol if atol is None else atol
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    ok = bool(((a - e).abs() <= atol + rtol * e.abs()).all())
+    assert ok, f"{name}: {error_report(a, e, rtol, atol)}"
+
+
+def assert_close_2x(actual, expected, baseline, *, name: str = "value", floor: float = 1e-6):
+    """The low-precision rule: the kernel's max error against the float64 ``expected`` may
+    be at most 2x the error of ``baseline`` (plain PyTorch in the same dtype), plus ``floor``."""
+    e = expected.detach().to(torch.float64).cpu()
+    err = (actual.detach().to(torch.float64).cpu() - e).abs().max().item()
+    base = (baseline.detach().to(torch.float64).cpu() - e).abs().max().item()
+    assert err <= 2 * base + floor, f"{name}: max err {err:.3e} > 2 x baseline err {base:.3e} + {floor:g}"
