@@ -60,3 +60,30 @@ def assert_close_2x(actual, expected, baseline, *, name: str = "value", floor: f
     err = (actual.detach().to(torch.float64).cpu() - e).abs().max().item()
     base = (baseline.detach().to(torch.float64).cpu() - e).abs().max().item()
     assert err <= 2 * base + floor, f"{name}: max err {err:.3e} > 2 x baseline err {base:.3e} + {floor:g}"
+
+
+def value_and_grads(fn, student: torch.Tensor, teacher: torch.Tensor, *, grad_output=None, dtype=None, **kwargs):
+    """Run ``fn(student, teacher, **kwargs)`` on fresh leaf copies and backpropagate.
+
+    ``student`` always gets a gradient; ``teacher`` gets one only when the given tensor has
+    ``requires_grad``. ``grad_output`` (default: ones) seeds the backward, so a test can use a
+    value other than 1 and the ``reduction="none"`` shape. ``dtype`` casts both inputs first
+    (e.g. ``torch.float64`` for the oracle). Returns ``(value, grad_student, grad_teacher)``;
+    ``grad_teacher`` is ``None`` when the teacher did not require grad.
+    """
+    s = student.detach().to(dtype or student.dtype).requires_grad_(True)
+    t = teacher.detach().to(dtype or teacher.dtype).requires_grad_(teacher.requires_grad)
+    out = fn(s, t, **kwargs)
+    g = torch.ones_like(out) if grad_output is None else grad_output.to(out.dtype)
+    out.backward(g)
+    return out.detach(), s.grad, t.grad
+
+
+def assert_matches_reference(fn, ref, student, teacher, *, grad_output=None, rtol=None, atol=None, name="loss", **kwargs):
+    """Compare ``fn`` (in the inputs' dtype) with ``ref`` in float64: value and both gradients."""
+    v, gs, gt = value_and_grads(fn, student, teacher, grad_output=grad_output, **kwargs)
+    rv, rgs, rgt = value_and_grads(ref, student, teacher, grad_output=grad_output, dtype=torch.float64, **kwargs)
+    assert v.dtype == student.dtype, f"{name}: result dtype {v.dtype} != student dtype {student.dtype}"
+    assert_close(v, rv, rtol=rtol, atol=atol, name=f"{name} value")
+    assert_close(gs, rgs, rtol=rtol, atol=atol, name=f"{name} grad student")
+    assert_close(gt, rgt, rtol=rtol, atol=atol, name=f"{name} grad teacher")
