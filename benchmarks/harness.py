@@ -147,8 +147,8 @@ def run_case(
     flops: float | None = None,
     predicted_bytes: float | None = None,
     rounds: int | None = None,
-) -> None:
-    """Time one (op, provider, mode, shape) case and record its facts.
+) -> float:
+    """Time one (op, provider, mode, shape) case and record its facts; return the peak MB.
 
     Args:
         benchmark: the pytest-benchmark fixture.
@@ -196,9 +196,10 @@ def run_case(
         benchmark.pedantic(timed, rounds=n, iterations=1, warmup_rounds=1)
     else:
         benchmark.pedantic(timed, setup=setup, rounds=n, iterations=1, warmup_rounds=1)
-    stats = benchmark.stats.stats
-    if flops:
-        benchmark.extra_info["tflops"] = round(flops / stats.median / 1e12, 4)
+    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
+    if flops and stats is not None:
+        benchmark.extra_info["tflops"] = round(flops / stats.stats.median / 1e12, 4)
+    return peak
 
 
 def _triton_version():
