@@ -122,7 +122,7 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
         if max(len(v) for v in provs.values()) < 2:
             continue
         t = {p: [(n, ms) for n, ms, _ in v] for p, v in provs.items()}
-        m = {p: [(n, mb) for n, _, mb in v if mb == mb and mb > 0] for p, v in provs.items()}
+        m = {p: [(n, mb) for n, _, mb in v if not math.isnan(mb) and mb > 0] for p, v in provs.items()}
         title = f"{op} {mode} {dtype} {rest}"
         body = svg_panel(t, f"time: {title}", "median ms", 0) + svg_panel(m, "peak memory", "MB", 440)
         path = out.with_name(f"{out.name}_{op}_{mode}_{dtype}_{rest.replace(', ', '_').replace('=', '')}.svg")
