@@ -1,2 +1,238 @@
-"""Placeholder: being written."""
-__all__: list[str] = []
+"""Memory-efficient PyTorch path for the optimal-transport family, with hand-written backwards.
+
+Two entry points per op (plain functions on tensors; no autograd inside, no host syncs):
+
+* SinKD (LOSSES.md §6): :func:`sinkhorn_loss_fwd` / :func:`sinkhorn_loss_bwd`.
+* Batched log-domain Sinkhorn: :func:`sinkhorn_fwd` / :func:`sinkhorn_bwd`.
+
+fp16/bf16 inputs are computed in float32, float64 stays float64; results are cast back to
+the input dtypes. These functions are the blueprint for the GPU kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sinkhorn_bwd", "sinkhorn_fwd", "sinkhorn_loss_bwd", "sinkhorn_loss_fwd"]
+
+# Elements in one [rows, B, classes] tile of the L1 cdist and its backward: 4M (16 MiB in
+# fp32) is large enough that the Python loop over tiles costs nothing next to the tile math,
+# small enough that no B x B x C buffer is ever formed when C is a vocabulary.
+TILE_ELEMS = 1 << 22
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (fp16/bf16 accumulate in float32)."""
+    dt = torch.float32
+    for t in tensors:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def _tiles(rows: int, cols: int, classes: int):
+    """Yield (row slice, class slice) tiles with rows_tile * cols * classes_tile <= TILE_ELEMS."""
+    r_step = max(1, min(rows, TILE_ELEMS // max(cols, 1)))
+    c_step = max(1, min(classes, TILE_ELEMS // max(r_step * cols, 1)))
+    for r0 in range(0, rows, r_step):
+        for c0 in range(0, classes, c_step):
+            yield slice(r0, r0 + r_step), slice(c0, c0 + c_step)
+
+
+# ---------------------------------------------------------------------------------------
+# SinKD
+#
+# Forward (z_s, z_t: [B, C] logits; T temperature; eps; L = n_iters):
+#   p = softmax(z_s / T), q = softmax(z_t / T)                                  [B, C]
+#   D_ij = sum_c |p_ic - q_jc|              (L1 cdist, tiled over rows and classes)
+#   K = exp(-D / eps)
+#   The reference's plain-domain iteration X_0 = K, Y_l = diag(r_l)^-1 X_{l-1} (r_l row sums),
+#   X_l = Y_l diag(c_l)^-1 (c_l column sums) keeps X_l = diag(u_l) K diag(v_l) with
+#       u_0 = v_0 = 1,  u_l = 1 / (K v_{l-1}),  v_l = 1 / (K^T u_l),
+#   so Y_l = diag(u_l) K diag(v_{l-1}), r_l = u_{l-1} / u_l and c_l = v_{l-1} / v_l.
+#   Loss = sum_ij P_ij D_ij = u_L^T (K o D) v_L.  Saved: D [B, B] and U, V [L + 1, B].
+#
+# Backward (g = dLoss; LOSSES.md §6.2, the exact gradient of the unrolled iterations):
+#   G = g D (dL/dP),  dD = g P.
+#   for l = L..1:  (column step, then row step)
+#       s_j = sum_i G_ij X_l,ij          G_Y = (G - 1 s^T) diag(1 / c_l)
+#       t_i = sum_j G_Y,ij Y_l,ij        G   = diag(1 / r_l) (G_Y - t 1^T)
+#   dD += G o (-K / eps)
+#   dp_ic = sum_j dD_ij sign(p_ic - q_jc),  dq_jc = -sum_i dD_ij sign(p_ic - q_jc)  (sign(0) = 0)
+#   dz_s = p o (dp - <dp, p>_row) / T, likewise dz_t.
+# ---------------------------------------------------------------------------------------
+
+
+def _softmax_rows(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.softmax(logits.to(dtype) / temperature, dim=1).contiguous()
+
+
+def _l1_cdist(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """D_ij = sum_c |p_ic - q_jc| without a [B, B, C] buffer."""
+    out = p.new_zeros(p.shape[0], q.shape[0])
+    for rows, cls in _tiles(p.shape[0], q.shape[0], p.shape[1]):
+        out[rows] += (p[rows, None, cls] - q[None, :, cls]).abs_().sum(-1)
+    return out
+
+
+def _l1_cdist_bwd(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor, need_p: bool, need_q: bool):
+    """Gradients of sum_ij grad_ij D_ij w.r.t. p and q (None when not needed)."""
+    gp = torch.zeros_like(p) if need_p else None
+    gq = torch.zeros_like(q) if need_q else None
+    for rows, cls in _tiles(p.shape[0], q.shape[0], p.shape[1]):
+        sign = (p[rows, None, cls] - q[None, :, cls]).sign_()  # [rows, B, classes]
+        if gp is not None:
+            gp[rows, cls] = torch.einsum("ij,ijc->ic", grad[rows], sign)
+        if gq is not None:
+            gq[:, cls] -= torch.einsum("ij,ijc->jc", grad[rows], sign)
+    return gp, gq
+
+
+def _softmax_bwd(gp: torch.Tensor, p: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    return (p * (gp - (gp * p).sum(1, keepdim=True)) / temperature).to(dtype)
+
+
+def sinkhorn_loss_fwd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    epsilon: float,
+    n_iters: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SinKD forward. Returns (loss in the student's dtype, D [B, B], U [L+1, B], V [L+1, B])."""
+    dt = _compute_dtype(student, teacher)
+    p = _softmax_rows(student, temperature, dt)
+    q = _softmax_rows(teacher, temperature, dt)
+    cost = _l1_cdist(p, q)
+    kernel = torch.exp(-cost / epsilon)
+    nb = cost.shape[0]
+    u = cost.new_ones(n_iters + 1, nb)
+    v = cost.new_ones(n_iters + 1, nb)
+    for it in range(1, n_iters + 1):
+        u[it] = torch.reciprocal(kernel @ v[it - 1])
+        v[it] = torch.reciprocal(kernel.T @ u[it])
+    loss = u[n_iters] @ (kernel * cost) @ v[n_iters]
+    return loss.to(student.dtype), cost, u, v
+
+
+def sinkhorn_loss_bwd(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    cost: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    temperature: float,
+    epsilon: float,
+    need_student: bool,
+    need_teacher: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """SinKD backward: (grad_student | None, grad_teacher | None) in the inputs' dtypes."""
+    dt = cost.dtype
+    g = grad.to(dt)
+    kernel = torch.exp(-cost / epsilon)
+    n_iters = u.shape[0] - 1
+    g_cost = g * (u[n_iters, :, None] * kernel * v[n_iters, None, :])  # direct term g P
+    g_plan = g * cost  # dL/dX_L
+    for it in range(n_iters, 0, -1):
+        x = u[it, :, None] * kernel * v[it, None, :]
+        s = (g_plan * x).sum(0)
+        g_y = (g_plan - s[None, :]) * (v[it] / v[it - 1])[None, :]
+        y = u[it, :, None] * kernel * v[it - 1, None, :]
+        t = (g_y * y).sum(1)
+        g_plan = (g_y - t[:, None]) * (u[it] / u[it - 1])[:, None]
+    g_cost -= g_plan * kernel / epsilon
+    p = _softmax_rows(student, temperature, dt)
+    q = _softmax_rows(teacher, temperature, dt)
+    gp, gq = _l1_cdist_bwd(g_cost, p, q, need_student, need_teacher)
+    gs = _softmax_bwd(gp, p, temperature, student.dtype) if need_student else None
+    gt = _softmax_bwd(gq, q, temperature, teacher.dtype) if need_teacher else None
+    return gs, gt
+
+
+# ---------------------------------------------------------------------------------------
+# Batched log-domain Sinkhorn
+#
+# Forward (C: [B, n, m] cost, a [B, n], b [B, m] positive marginals, eps, L = n_iters), in
+# potentials scaled by 1/eps (alpha = f / eps, beta = g / eps) with M = -C / eps:
+#   beta_0 = 0
+#   alpha_k = log a - LSE_j(M_ij + beta_{k-1,j})          k = 1..L
+#   beta_k  = log b - LSE_i(M_ij + alpha_k,i)
+#   P = exp(M + alpha_L 1^T + 1 beta_L^T)
+# Saved: alpha_1..L [L, B, n], beta_1..L [L, B, m].
+#
+# Backward (dP given): W = dP o P; dM = W; abar = W 1 (dL/dalpha_L); bbar = W^T 1 (dL/dbeta_L).
+#   for k = L..1:
+#       Qb = exp(M + alpha_k 1^T + 1 (beta_k - log b)^T)    (softmax over i: the beta_k step)
+#       abar -= Qb bbar;           dM -= Qb diag(bbar);    dlog b += bbar
+#       Qa = exp(M + (alpha_k - log a) 1^T + 1 beta_{k-1}^T) (softmax over j: the alpha_k step)
+#       bbar = -Qa^T abar;         dM -= diag(abar) Qa;    dlog a += abar;   abar = 0
+#   dC = -dM / eps,  da = dlog a / a,  db = dlog b / b.
+# Memory: M, dM and one [B, n, m] temporary, plus O(L B (n + m)) potentials, where autograd
+# through the reference loop keeps O(L) [B, n, m] buffers.
+# ---------------------------------------------------------------------------------------
+
+
+def sinkhorn_fwd(
+    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, epsilon: float, n_iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-domain Sinkhorn on [B, n, m] costs. Returns (plan in cost's dtype, alphas, betas)."""
+    dt = _compute_dtype(cost, a, b)
+    neg = (cost.to(dt) / -epsilon).contiguous()  # the plan is returned contiguous
+    log_a = torch.log(a.to(dt))
+    log_b = torch.log(b.to(dt))
+    nb, n, m = cost.shape
+    alphas = neg.new_empty(n_iters, nb, n)
+    betas = neg.new_empty(n_iters, nb, m)
+    beta = neg.new_zeros(nb, m)
+    for k in range(n_iters):
+        alpha = log_a - torch.logsumexp(neg + beta[:, None, :], dim=2)
+        beta = log_b - torch.logsumexp(neg + alpha[:, :, None], dim=1)
+        alphas[k] = alpha
+        betas[k] = beta
+    plan = neg.add_(alpha[:, :, None]).add_(beta[:, None, :]).exp_()
+    return plan.to(cost.dtype), alphas, betas
+
+
+def sinkhorn_bwd(
+    grad: torch.Tensor,
+    cost: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    alphas: torch.Tensor,
+    betas: torch.Tensor,
+    epsilon: float,
+    need_cost: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Reverse recurrence of :func:`sinkhorn_fwd`: (grad_cost, grad_a, grad_b), None where not needed."""
+    dt = alphas.dtype
+    neg = cost.to(dt) / -epsilon
+    a_c = a.to(dt)
+    b_c = b.to(dt)
+    log_a = torch.log(a_c)
+    log_b = torch.log(b_c)
+    n_iters = alphas.shape[0]
+    g_neg = torch.exp(neg + alphas[-1][:, :, None] + betas[-1][:, None, :]).mul_(grad.to(dt))  # W = dP o P
+    abar_out = g_neg.sum(2)  # alpha_L also feeds P directly
+    bbar = g_neg.sum(1)
+    g_log_a = torch.zeros_like(abar_out)
+    g_log_b = torch.zeros_like(bbar)
+    for k in range(n_iters - 1, -1, -1):
+        # beta_k = log b - LSE_i(M + alpha_k)
+        q = torch.exp(neg + alphas[k][:, :, None] + (betas[k] - log_b)[:, None, :]).mul_(bbar[:, None, :])
+        abar = -q.sum(2)
+        if k == n_iters - 1:
+            abar += abar_out
+        g_neg -= q
+        g_log_b += bbar
+        # alpha_k = log a - LSE_j(M + beta_{k-1}), beta_{-1} = 0
+        beta_prev = betas[k - 1] if k > 0 else torch.zeros_like(bbar)
+        q = torch.exp(neg + (alphas[k] - log_a)[:, :, None] + beta_prev[:, None, :]).mul_(abar[:, :, None])
+        bbar = -q.sum(1)
+        g_neg -= q
+        g_log_a += abar
+    g_cost = (g_neg / -epsilon).to(cost.dtype) if need_cost else None
+    g_a = (g_log_a / a_c).to(a.dtype) if need_a else None
+    g_b = (g_log_b / b_c).to(b.dtype) if need_b else None
+    return g_cost, g_a, g_b

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Build a kd_kernels wheel with the CUDA extension, install it into a fresh venv, and check from a
+# directory outside the repository that kd_kernels._C loads and registers its CUDA kernels.
+# No GPU needed. Called by .ci/run after the tests; usable on its own:
+#   bash .ci/check_wheel.sh
+# Environment (all optional):
+#   PYTHON        the interpreter that builds the wheel; it must have torch (default .venv/bin/python)
+#   TORCH_SPEC    torch for the fresh venv (default: the build interpreter's torch version, since the
+#                 extension only loads under the torch it was built against)
+#   WHEEL_DIR     where the wheel goes (default /tmp/kdwheel, emptied first)
+#   WHEEL_VENV    the fresh venv (default /tmp/kd_wheel_venv, recreated)
+#   CUDA_HOME, KD_KERNELS_CUDA_ARCHS, MAX_JOBS   as for setup.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${PYTHON:-$REPO/.venv/bin/python}
+WHEEL_DIR=${WHEEL_DIR:-/tmp/kdwheel}
+WHEEL_VENV=${WHEEL_VENV:-/tmp/kd_wheel_venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')}
+export KD_KERNELS_BUILD_CUDA=1
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH="$CUDA_HOME/bin:$PATH"
+start=$(date +%s)
+
+echo "== building the wheel ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
+rm -rf "$WHEEL_DIR"
+"$PY" -m pip wheel --quiet --no-build-isolation --no-deps -w "$WHEEL_DIR" .
+wheel=$(ls "$WHEEL_DIR"/kd_kernels-*.whl)
+built=$(date +%s)
+echo "== built $(basename "$wheel") in $((built - start)) s, $(du -h "$wheel" | cut -f1)"
+if ! unzip -l "$wheel" | grep -E 'kd_kernels/_C\.[^/]*\.so$'; then
+  echo "FAIL: the wheel has no kd_kernels/_C*.so" >&2
+  exit 1
+fi
+
+echo "== installing it into a fresh venv ($WHEEL_VENV) with $TORCH_SPEC"
+# The venv uses the build interpreter's base Python: the wheel is tagged for that Python version.
+base_python=$("$PY" -c 'import sys; print(sys._base_executable)')
+rm -rf "$WHEEL_VENV"
+"$base_python" -m venv "$WHEEL_VENV"
+"$WHEEL_VENV/bin/pip" install --quiet "$TORCH_SPEC" numpy
+"$WHEEL_VENV/bin/pip" install --quiet --no-deps "$wheel"
+
+echo "== checking the installed package from outside the repository"
+cd "$(mktemp -d)"
+"$WHEEL_VENV/bin/python" - "$REPO" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import kd_kernels
+from kd_kernels.ops.cuda_defs import CUDA_OPS
+
+repo = Path(sys.argv[1]).resolve()
+where = Path(kd_kernels.__file__).resolve()
+assert repo not in where.parents, f"imported kd_kernels from the repository ({where}), not from the wheel"
+info = kd_kernels.build_info()
+print(json.dumps(info, indent=1))
+assert info["extension_loaded"], f"kd_kernels._C did not load: {info['extension_error']}"
+assert sorted(info["extension"]["ops"]) == sorted(CUDA_OPS), info["extension"]["ops"]
+for op in CUDA_OPS:
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op} has no CUDA kernel"
+try:
+    torch.ops.kd_kernels.kd_fwd_cuda(torch.randn(2, 3), torch.randn(2, 3), 1.0)
+except NotImplementedError:
+    pass
+else:
+    raise AssertionError("kd_fwd_cuda ran on CPU tensors")
+print(f"OK: kd_kernels {kd_kernels.__version__} from {where.parent}, CUDA kernels registered: {', '.join(CUDA_OPS)}")
+EOF
+echo "== wheel check passed in $(($(date +%s) - start)) s"

@@ -1,0 +1,233 @@
+"""The build: one source list for setup.py and CMake, version, lazy import, build_info, the
+compiled extension's registrations, and the fake (meta) implementations of the CUDA ops.
+
+Everything here runs without a GPU. The tests of the compiled library skip, with the import
+error, when ``kd_kernels._C`` was not built.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import kd_kernels
+from kd_kernels._backend import extension_error, load_extension
+from kd_kernels.ops.cuda_defs import CUDA_OPS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_ext = load_extension()
+needs_ext = pytest.mark.skipif(_ext is None, reason=f"kd_kernels._C not built: {extension_error()}")
+
+
+def _setup_module() -> dict:
+    """setup.py's globals, without running setup() (it only runs as __main__)."""
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="kd_kernels_setup")
+
+
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib (reading pyproject.toml) needs Python >= 3.11")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _cmake_sources() -> list[str]:
+    """The sources CMakeLists.txt compiles: the list file it names, read with its own rules."""
+    text = (ROOT / "CMakeLists.txt").read_text()
+    m = re.search(r'set\(_kd_source_list "\$\{PROJECT_SOURCE_DIR\}/([^"]+)"\)', text)
+    assert m, "CMakeLists.txt must read its sources from a list file: set(_kd_source_list ...)"
+    assert 'file(STRINGS "${_kd_source_list}"' in text
+    # CMake: strip each line, drop empty lines and lines starting with '#'.
+    lines = [line.strip() for line in (ROOT / m.group(1)).read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_setup_and_cmake_compile_the_same_sources():
+    setup_sources = _setup_module()["read_sources"]()
+    assert setup_sources == _cmake_sources()
+    assert setup_sources, "the source list is empty"
+    for src in setup_sources:
+        assert (ROOT / src).is_file(), f"listed source {src} does not exist"
+    # Neither build file names a source itself (so the list file is the only place to edit).
+    for build_file in ("CMakeLists.txt", "setup.py"):
+        named = re.findall(r"[\w/]+\.(?:cu|cpp)\b", (ROOT / build_file).read_text())
+        assert not named, f"{build_file} names sources directly: {named}"
+    # Every C++/CUDA translation unit under csrc/ is built (a new .cu must be added to the list).
+    on_disk = sorted(p.relative_to(ROOT).as_posix() for ext in ("*.cu", "*.cpp") for p in (ROOT / "csrc").rglob(ext))
+    missing = sorted(set(on_disk) - set(setup_sources))
+    assert not missing, f"add {missing} to csrc/sources.txt (one line each) so that setup.py and CMake build them"
+    assert sorted(setup_sources) == on_disk
+
+
+def test_version_matches_package():
+    pyproject = _pyproject()
+    project = pyproject["project"]
+    assert project["name"] == "kd_kernels"
+    assert "version" in project["dynamic"] and "version" not in project
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "kd_kernels.__version__"}
+    # setuptools reads the attribute statically: it must be a string literal in __init__.py.
+    tree = ast.parse((ROOT / "kd_kernels" / "__init__.py").read_text())
+    literal = [
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "__version__" for t in node.targets)
+        and isinstance(node.value, ast.Constant)
+    ]
+    assert literal == [kd_kernels.__version__]
+    assert importlib.metadata.version("kd_kernels") == kd_kernels.__version__  # the installed metadata
+
+
+def test_pyproject_contract():
+    pyproject = _pyproject()
+    project = pyproject["project"]
+    assert project["requires-python"] == ">=3.10"
+    assert "torch>=2.4" in project["dependencies"] and "numpy" in project["dependencies"]
+    assert set(project["optional-dependencies"]["dev"]) >= {"pytest", "pytest-benchmark", "ninja", "pybind11", "ruff"}
+    assert project["optional-dependencies"]["triton"] == ["triton"]
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["kd_kernels", "kd_kernels.*"]
+    assert pyproject["tool"]["ruff"]["line-length"] == 120
+    assert pyproject["tool"]["pytest"]["ini_options"]["testpaths"] == ["tests"]
+    assert any(m.startswith("gpu:") for m in pyproject["tool"]["pytest"]["ini_options"]["markers"])
+
+
+def _run_setup(mode: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KD_KERNELS_BUILD_CUDA": mode}
+    return subprocess.run(
+        [sys.executable, "setup.py", "--version"],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_setup_skip_says_why_and_bad_mode_fails():
+    skipped = _run_setup("0")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "not building the CUDA extension kd_kernels._C (KD_KERNELS_BUILD_CUDA=0)" in skipped.stdout
+    assert skipped.stdout.strip().splitlines()[-1] == kd_kernels.__version__
+    bad = _run_setup("maybe")
+    assert bad.returncode != 0
+    assert "KD_KERNELS_BUILD_CUDA must be auto, 0 or 1, got 'maybe'" in bad.stderr
+
+
+def test_import_is_lazy():
+    """`import kd_kernels` imports neither triton nor the extension and does not initialise CUDA."""
+    code = (
+        "import json, sys, torch, kd_kernels\n"
+        "print(json.dumps({'triton': 'triton' in sys.modules, 'ext': 'kd_kernels._C' in sys.modules,"
+        " 'cuda_initialized': torch.cuda.is_initialized()}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"triton": False, "ext": False, "cuda_initialized": False}
+
+
+def test_build_info_keys():
+    info = kd_kernels.build_info()
+    keys = {"version", "torch", "torch_cuda", "triton", "triton_interpret", "extension_loaded", "extension_error"}
+    assert keys <= set(info)
+    assert info["version"] == kd_kernels.__version__
+    assert info["extension_loaded"] == (_ext is not None)
+    assert (info["extension_error"] is None) == (_ext is not None)
+    assert ("extension" in info) == (_ext is not None)
+    json.dumps(info)  # plain data, printable by `make install`
+
+
+@needs_ext
+def test_extension_build_info():
+    info = _ext.build_info()
+    assert set(info) == {"cuda_version", "archs", "torch_version_at_build", "debug", "ops"}
+    assert sorted(info["ops"]) == sorted(CUDA_OPS), "every CUDA kernel needs a schema in cuda_defs.py, and back"
+    assert info["archs"] and all(re.fullmatch(r"\d+\.\d+[a-z]?(\+PTX)?", a) for a in info["archs"]), info["archs"]
+    assert isinstance(info["debug"], bool)
+    # The extension only loads under the torch it was built against (ABI): same version.
+    assert torch.__version__.split("+")[0] == info["torch_version_at_build"]
+    assert info["cuda_version"] // 1000 == int(torch.version.cuda.split(".")[0])
+    assert kd_kernels.build_info()["extension"] == info
+
+
+@needs_ext
+@pytest.mark.parametrize("op", CUDA_OPS)
+def test_extension_registers_cuda_kernels(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
+
+
+@needs_ext
+def test_cuda_ops_on_cpu_tensors_raise():
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.raises(NotImplementedError, match="kd_fwd_cuda"):
+        torch.ops.kd_kernels.kd_fwd_cuda(s, t, 2.0)
+    row = torch.ones(3)
+    with pytest.raises(NotImplementedError, match="kd_bwd_cuda"):
+        torch.ops.kd_kernels.kd_bwd_cuda(row, s, t, row, row, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "stat_dtype"),
+    [
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_fake_impls_shapes(dtype, stat_dtype):
+    """The fake impls give the kernels' shapes and dtypes (FakeTensorMode and the meta device)."""
+    with FakeTensorMode():
+        s, t = torch.empty(5, 1271, dtype=dtype), torch.empty(5, 1271, dtype=dtype)
+        outs = torch.ops.kd_kernels.kd_fwd_cuda(s, t, 4.0)
+        grad = torch.ops.kd_kernels.kd_bwd_cuda(torch.empty(5, dtype=stat_dtype), s, t, outs[1], outs[2], 4.0)
+    assert [(o.shape, o.dtype) for o in outs] == [(torch.Size([5]), stat_dtype)] * 3
+    assert (grad.shape, grad.dtype) == (torch.Size([5, 1271]), dtype)
+
+    s = torch.empty(0, 7, dtype=dtype, device="meta")  # N = 0 is allowed
+    row_loss, lse_s, lse_t = torch.ops.kd_kernels.kd_fwd_cuda(s, s, 1.0)
+    assert row_loss.shape == lse_s.shape == lse_t.shape == (0,) and row_loss.device.type == "meta"
+    assert torch.ops.kd_kernels.kd_bwd_cuda(row_loss, s, s, lse_s, lse_t, 1.0).shape == (0, 7)
+
+
+def test_opcheck_on_meta_tensors():
+    """torch.library.opcheck (schema, fake tensor, AOT dispatch) through the fake impls, no GPU needed."""
+    s, t = torch.randn(3, 7, device="meta"), torch.randn(3, 7, device="meta")
+    row = torch.empty(3, device="meta")
+    torch.library.opcheck(torch.ops.kd_kernels.kd_fwd_cuda, (s, t, 2.0))
+    torch.library.opcheck(torch.ops.kd_kernels.kd_bwd_cuda, (row, s, t, row, row, 2.0))
+
+
+def test_fake_impls_reject_bad_shapes():
+    s = torch.empty(4, 6, device="meta")
+    with pytest.raises(RuntimeError, match="student must be"):
+        torch.ops.kd_kernels.kd_fwd_cuda(torch.empty(4, device="meta"), torch.empty(4, device="meta"), 1.0)
+    with pytest.raises(RuntimeError, match="teacher must have the student's shape"):
+        torch.ops.kd_kernels.kd_fwd_cuda(s, torch.empty(4, 5, device="meta"), 1.0)
+
+
+def test_cuda_ops_trace_without_a_gpu():
+    """make_fx in fake mode (what torch.compile does first) records the ops without running them."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fwd_bwd(s, t):
+        row_loss, lse_s, lse_t = torch.ops.kd_kernels.kd_fwd_cuda(s, t, 4.0)
+        grad = torch.ops.kd_kernels.kd_bwd_cuda(torch.ones_like(row_loss), s, t, lse_s, lse_t, 4.0)
+        return row_loss.sum(), grad
+
+    gm = make_fx(fwd_bwd, tracing_mode="fake")(torch.randn(3, 11), torch.randn(3, 11))
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "kd_kernels.kd_fwd_cuda.default" in targets and "kd_kernels.kd_bwd_cuda.default" in targets

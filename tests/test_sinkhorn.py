@@ -1,0 +1,372 @@
+"""SinKD (sinkhorn_loss) and batched log-domain Sinkhorn (sinkhorn): the PyTorch path against
+the float64 references, gradcheck, opcheck, torch.compile, edge cases and input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kd_kernels
+from kd_kernels.losses.sinkhorn import SinkhornLoss, sinkhorn, sinkhorn_loss
+from kd_kernels.ops import sinkhorn as ops
+from kd_kernels.reference import sinkhorn as reference
+from kd_kernels.testing import assert_close, assert_matches_reference, value_and_grads
+from kd_kernels.torch_impl import sinkhorn as torch_impl
+
+ref_loss = reference.sinkhorn_loss
+ref_ot = reference.sinkhorn
+F64 = torch.float64
+F32 = torch.float32
+
+
+def logits(b: int, c: int, dtype=F32, scale: float = 2.0):
+    return scale * torch.randn(b, c, dtype=dtype), scale * torch.randn(b, c, dtype=dtype)
+
+
+# ------------------------------------------------------------------------- SinKD vs reference
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("b, c", [(1, 3), (2, 2), (3, 5), (16, 3), (32, 2), (7, 1), (5, 41)])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_sinkhorn_loss_matches_reference(dtype, b, c, teacher_grad):
+    s, t = logits(b, c, dtype)
+    t.requires_grad_(teacher_grad)
+    assert_matches_reference(sinkhorn_loss, ref_loss, s, t, name=f"sinkd B={b} C={c}")
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize(
+    "kwargs", [{"n_iters": 1}, {"n_iters": 2, "epsilon": 0.5}, {"temperature": 1.0, "epsilon": 0.05, "n_iters": 50}]
+)
+def test_sinkhorn_loss_flags(dtype, kwargs):
+    s, t = logits(9, 3, dtype)
+    t.requires_grad_(True)
+    assert_matches_reference(sinkhorn_loss, ref_loss, s, t, grad_output=torch.tensor(0.37), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_sinkhorn_loss_duplicated_rows(dtype):
+    s, t = logits(6, 4, dtype)
+    s[3] = s[1]  # duplicated student rows
+    t[2] = s[2]  # identical student/teacher row: D_22 = 0 exactly, sign(0) = 0 in both paths
+    t[5] = t[0]
+    t.requires_grad_(True)
+    assert_matches_reference(sinkhorn_loss, ref_loss, s, t, name="duplicated rows")
+
+
+def test_sinkhorn_loss_identical_batches():
+    # student == teacher: D has a zero diagonal, every sign is taken at a tie somewhere.
+    s, _ = logits(5, 3, F64)
+    t = s.clone().requires_grad_(True)
+    assert_matches_reference(sinkhorn_loss, ref_loss, s, t)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_sinkhorn_loss_tiled_cdist(dtype, monkeypatch):
+    # A tiny tile budget forces several row tiles and several class tiles (odd C, odd B).
+    monkeypatch.setattr(torch_impl, "TILE_ELEMS", 7 * 3 * 2)
+    s, t = logits(7, 13, dtype)
+    t.requires_grad_(True)
+    assert_matches_reference(sinkhorn_loss, ref_loss, s, t, name="tiled")
+    monkeypatch.setattr(torch_impl, "TILE_ELEMS", 5)  # fewer elements than one row of D
+    assert_matches_reference(sinkhorn_loss, ref_loss, s, t, name="row tiles")
+
+
+def test_sinkhorn_loss_non_contiguous():
+    s = torch.randn(5, 8, dtype=F64).t()  # [8, 5] transposed view
+    t = torch.randn(16, 5, dtype=F64)[::2].requires_grad_(True)  # strided rows
+    assert not s.is_contiguous() and not t.is_contiguous()
+    assert_matches_reference(sinkhorn_loss, ref_loss, s, t, grad_output=torch.tensor(0.37))
+
+
+def test_sinkhorn_loss_teacher_without_grad_gets_none():
+    s, t = logits(4, 3)
+    s.requires_grad_(True)
+    sinkhorn_loss(s, t).backward()
+    assert t.grad is None and s.grad is not None
+    # teacher-only gradient: the student gets none
+    s2, t2 = logits(4, 3)
+    t2.requires_grad_(True)
+    sinkhorn_loss(s2, t2).backward()
+    assert s2.grad is None and t2.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sinkhorn_loss_low_precision(dtype):
+    s, t = logits(16, 3, dtype)
+    t.requires_grad_(True)
+    v, gs, gt = value_and_grads(sinkhorn_loss, s, t)
+    assert v.dtype == dtype and gs.dtype == dtype and gt.dtype == dtype
+    rv, rgs, rgt = value_and_grads(ref_loss, s, t, dtype=F64)  # same rounded inputs, exact math
+    # Computed in float32 from the rounded inputs: only the final cast to `dtype` rounds.
+    assert_close(v, rv, name="value")
+    assert_close(gs, rgs, atol=1e-3 if dtype == torch.float16 else 5e-3, name="grad student")
+    assert_close(gt, rgt, atol=1e-3 if dtype == torch.float16 else 5e-3, name="grad teacher")
+
+
+def test_sinkhorn_loss_mixed_dtypes():
+    s = torch.randn(6, 3, dtype=torch.bfloat16)
+    t = torch.randn(6, 3, dtype=F32).requires_grad_(True)
+    v, gs, gt = value_and_grads(sinkhorn_loss, s, t)
+    assert v.dtype == torch.bfloat16 and gs.dtype == torch.bfloat16 and gt.dtype == F32
+    _, _, rgt = value_and_grads(ref_loss, s, t, dtype=F64)
+    assert_close(gt, rgt, rtol=1e-4, atol=1e-6, name="grad teacher")
+
+
+def test_sinkhorn_loss_gradcheck():
+    s = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    t = torch.randn(3, 4, dtype=F64, requires_grad=True)
+
+    def fn(a, b):
+        return sinkhorn_loss(a, b, epsilon=0.3, n_iters=4)
+
+    assert torch.autograd.gradcheck(fn, (s, t))
+
+
+def test_sinkhorn_loss_module_equals_function():
+    s, t = logits(8, 3, F64)
+    kw = {"temperature": 1.5, "epsilon": 0.2, "n_iters": 7}
+    mod = SinkhornLoss(**kw)
+    assert_close(mod(s, t), sinkhorn_loss(s, t, **kw), rtol=0, atol=0)
+    assert "n_iters=7" in repr(mod)
+    assert kd_kernels.SinkhornLoss is SinkhornLoss and kd_kernels.sinkhorn_loss is sinkhorn_loss
+
+
+def test_sinkhorn_loss_plan_state_is_small():
+    # The forward saves D [B, B] and the per-iteration scale vectors only.
+    s, t = logits(5, 300)
+    loss, cost, u, v = ops.sinkhorn_loss_fwd(s, t, 2.0, 0.1, 20, "torch")
+    assert cost.shape == (5, 5) and u.shape == (21, 5) and v.shape == (21, 5)
+    # And X_L = diag(u_L) K diag(v_L) is the reference's plan: column sums are exactly 1.
+    plan = u[-1, :, None] * torch.exp(-cost / 0.1) * v[-1, None, :]
+    assert_close(plan.sum(0), torch.ones(5), rtol=1e-6, atol=1e-6)
+    assert_close(loss, (plan * cost).sum(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------- Sinkhorn vs reference
+
+
+def marginals(shape, dtype=F64):
+    w = torch.rand(*shape, dtype=dtype) + 0.2
+    return w / w.sum(-1, keepdim=True)
+
+
+def ot_value_and_grads(fn, cost, a, b, grad_output, dtype=None, **kw):
+    leaves = []
+    for x in (cost, a, b):
+        leaves.append(None if x is None else x.detach().to(dtype or x.dtype).requires_grad_(x.requires_grad))
+    out = fn(leaves[0], a=leaves[1], b=leaves[2], **kw)
+    out.backward(grad_output.to(out.dtype))
+    return out.detach(), [None if x is None else x.grad for x in leaves]
+
+
+def check_ot(cost, a=None, b=None, rtol=None, atol=None, **kw):
+    g = torch.randn(cost.shape, dtype=F64)
+    v, grads = ot_value_and_grads(sinkhorn, cost, a, b, g, **kw)
+    rv, rgrads = ot_value_and_grads(ref_ot, cost, a, b, g, dtype=F64, **kw)
+    assert v.dtype == cost.dtype and v.shape == cost.shape
+    assert_close(v, rv, rtol=rtol, atol=atol, name="plan")
+    for name, x, y in zip(("cost", "a", "b"), grads, rgrads, strict=True):
+        assert_close(x, y, rtol=rtol, atol=atol, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("shape", [(2, 5, 4), (3, 1, 6), (1, 7, 7), (5, 4), (1, 1)])
+def test_sinkhorn_matches_reference(dtype, shape):
+    cost = torch.rand(*shape, dtype=dtype).requires_grad_(True)
+    check_ot(cost, epsilon=0.1, n_iters=30, rtol=None if dtype == F64 else 1e-4, atol=None if dtype == F64 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("batched_marginals", [False, True])
+def test_sinkhorn_marginals(dtype, batched_marginals):
+    nb, n, m = 3, 6, 5
+    cost = torch.rand(nb, n, m, dtype=dtype).requires_grad_(True)
+    a = marginals((nb, n) if batched_marginals else (n,), dtype).requires_grad_(True)
+    b = marginals((nb, m) if batched_marginals else (m,), dtype)  # constant: no grad requested
+    tol = {"rtol": None, "atol": None} if dtype == F64 else {"rtol": 1e-4, "atol": 1e-5}
+    check_ot(cost, a, b, epsilon=0.2, n_iters=25, **tol)
+    check_ot(cost.detach(), a.detach(), b.requires_grad_(True), epsilon=0.2, n_iters=3, **tol)  # b grad only
+
+
+def test_sinkhorn_column_marginals_exact():
+    # After the final g-update, column sums are exactly b (up to rounding); rows approach a.
+    cost = torch.rand(4, 8, 9, dtype=F64)
+    a, b = marginals((4, 8)), marginals((4, 9))
+    plan = sinkhorn(cost, a=a, b=b, epsilon=0.5, n_iters=200)
+    assert_close(plan.sum(1), b, rtol=1e-12, atol=1e-14)
+    assert_close(plan.sum(2), a, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_iters", [1, 2])
+def test_sinkhorn_few_iters_and_grad_output(n_iters):
+    cost = torch.rand(2, 4, 3, dtype=F64).requires_grad_(True)
+    check_ot(cost, epsilon=0.05, n_iters=n_iters)
+
+
+def test_sinkhorn_small_epsilon_is_stable():
+    # Log domain: eps = 1e-3 on costs ~1 would underflow exp(-C/eps) in the plain domain.
+    cost = torch.rand(2, 6, 6, dtype=F32).requires_grad_(True)
+    plan = sinkhorn(cost, epsilon=1e-3, n_iters=20)
+    assert torch.isfinite(plan).all()
+    assert_close(plan, ref_ot(cost.double(), epsilon=1e-3, n_iters=20), rtol=1e-3, atol=1e-5)
+    # The gradient carries 1/eps = 1000 factors: compare it in float64.
+    check_ot(cost.detach().double().requires_grad_(True), epsilon=1e-3, n_iters=20, rtol=1e-7, atol=1e-9)
+
+
+def test_sinkhorn_non_contiguous():
+    cost = torch.rand(3, 5, 6, dtype=F64).transpose(1, 2).requires_grad_(True)  # [3, 6, 5] view
+    b = marginals((10,))[::2]  # strided [5]
+    check_ot(cost, None, b.requires_grad_(True), epsilon=0.1, n_iters=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sinkhorn_low_precision(dtype):
+    cost = torch.rand(2, 6, 5).to(dtype).requires_grad_(True)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    check_ot(cost, epsilon=0.1, n_iters=20, rtol=tol, atol=tol)
+
+
+def test_sinkhorn_gradcheck():
+    cost = torch.rand(2, 3, 4, dtype=F64, requires_grad=True)
+    a = marginals((3,)).requires_grad_(True)
+    b = marginals((2, 4)).requires_grad_(True)
+
+    def fn(c, a, b):
+        return sinkhorn(c, a=a, b=b, epsilon=0.2, n_iters=5)
+
+    assert torch.autograd.gradcheck(fn, (cost, a, b))
+
+
+def test_sinkhorn_only_needed_grads():
+    cost = torch.rand(2, 3, 4)
+    a = marginals((3,), F32).requires_grad_(True)
+    sinkhorn(cost, a=a, n_iters=5).sum().backward()
+    assert cost.grad is None and a.grad is not None
+
+
+# ------------------------------------------------------------------------- opcheck and compile
+
+
+def test_opcheck_sinkhorn_loss_ops():
+    for dtype, (b, c) in ((F32, (4, 3)), (F64, (1, 2)), (torch.bfloat16, (5, 7))):
+        s, t = logits(b, c, dtype)
+        torch.library.opcheck(ops.sinkhorn_loss_fwd, (s.requires_grad_(), t, 2.0, 0.1, 5, "torch"))
+        torch.library.opcheck(ops.sinkhorn_loss_fwd, (s, t.requires_grad_(), 1.5, 0.2, 1, "torch"))
+        _, cost, u, v = ops.sinkhorn_loss_fwd(s.detach(), t.detach(), 2.0, 0.1, 5, "torch")
+        g = torch.tensor(0.37, dtype=dtype)
+        for need in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(
+                ops.sinkhorn_loss_bwd, (g, s.detach(), t.detach(), cost, u, v, 2.0, 0.1, *need, "torch")
+            )
+
+
+def test_opcheck_sinkhorn_ops():
+    for dtype, (nb, n, m) in ((F32, (2, 4, 3)), (F64, (1, 1, 5)), (torch.float16, (3, 5, 5))):
+        cost = torch.rand(nb, n, m, dtype=dtype)
+        a, b = marginals((nb, n), F32), marginals((nb, m), F32)
+        torch.library.opcheck(ops.sinkhorn_fwd, (cost.requires_grad_(), a, b, 0.1, 4, "torch"))
+        torch.library.opcheck(
+            ops.sinkhorn_fwd, (cost.detach(), a.requires_grad_(), b.requires_grad_(), 0.3, 1, "torch")
+        )
+        _, al, be = ops.sinkhorn_fwd(cost.detach(), a.detach(), b.detach(), 0.1, 4, "torch")
+        g = torch.randn(nb, n, m, dtype=dtype)
+        for need in ((True, False, False), (True, True, True), (False, False, True)):
+            args = (g, cost.detach(), a.detach(), b.detach(), al, be, 0.1, *need, "torch")
+            torch.library.opcheck(ops.sinkhorn_bwd, args)
+
+
+def test_no_kernel_for_other_backends():
+    s, t = logits(3, 2)
+    with pytest.raises(NotImplementedError, match="triton"):
+        ops.sinkhorn_loss_fwd(s, t, 2.0, 0.1, 2, "triton")
+    with pytest.raises(NotImplementedError, match="cuda"):
+        ops.sinkhorn_fwd(torch.rand(1, 2, 2), torch.rand(1, 2), torch.rand(1, 2), 0.1, 2, "cuda")
+
+
+def _compiled_matches(fn, inputs, grad_output, backend, **kw):
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: fn(*x, **kw), fullgraph=True, backend=backend)
+    leaves_e = [x.detach().clone().requires_grad_(True) for x in inputs]
+    leaves_c = [x.detach().clone().requires_grad_(True) for x in inputs]
+    eager = fn(*leaves_e, **kw)
+    eager.backward(grad_output)
+    comp = compiled(*leaves_c)
+    comp.backward(grad_output)
+    assert_close(comp, eager, rtol=1e-5, atol=1e-6, name="compiled value")
+    for x, y in zip(leaves_c, leaves_e, strict=True):
+        assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6, name="compiled grad")
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_sinkhorn_loss_compiles(backend):
+    s, t = logits(6, 3)
+    _compiled_matches(sinkhorn_loss, [s, t], torch.tensor(0.37), backend, epsilon=0.2, n_iters=5)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_sinkhorn_compiles(backend):
+    cost = torch.rand(2, 5, 4)
+    _compiled_matches(sinkhorn, [cost], torch.randn(2, 5, 4), backend, n_iters=5)
+    if backend == "aot_eager":
+        _compiled_matches(
+            lambda c, a: sinkhorn(c, a=a, n_iters=3),
+            [torch.rand(5, 4), marginals((5,), F32)],
+            torch.randn(5, 4),
+            backend,
+        )
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, exc, match",
+    [
+        ((torch.randn(3), torch.randn(3)), {}, ValueError, "student_logits"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4)), {}, ValueError, "student_logits"),
+        ((torch.randn(3, 4), torch.randn(4, 4)), {}, ValueError, "teacher_logits"),
+        ((torch.randn(3, 4), torch.randn(3, 5)), {}, ValueError, "teacher_logits"),
+        ((torch.randn(3, 4), torch.randn(3, 4, device="meta")), {}, ValueError, "device|teacher_logits"),
+        ((torch.randint(0, 3, (3, 4)), torch.randn(3, 4)), {}, TypeError, "student_logits"),
+        ((torch.randn(3, 4), torch.randn(3, 4).numpy()), {}, TypeError, "teacher_logits"),
+        ((torch.randn(0, 4), torch.randn(0, 4)), {}, ValueError, "N >= 1"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"temperature": 0.0}, ValueError, "temperature"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"epsilon": -0.1}, ValueError, "epsilon"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"epsilon": torch.tensor(0.1)}, TypeError, "epsilon"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"n_iters": 0}, ValueError, "n_iters"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"n_iters": 2.0}, TypeError, "n_iters"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"backend": "fastest"}, ValueError, "backend"),
+        ((torch.randn(3, 4), torch.randn(3, 4)), {"backend": "cuda"}, ValueError, "cuda"),
+    ],
+)
+def test_sinkhorn_loss_bad_input(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        sinkhorn_loss(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "cost, kwargs, exc, match",
+    [
+        (torch.rand(4), {}, ValueError, "cost"),
+        (torch.rand(2, 2, 3, 3), {}, ValueError, "cost"),
+        (torch.rand(2, 0, 3), {}, ValueError, "n >= 1"),
+        (torch.randint(0, 3, (2, 3)), {}, TypeError, "cost"),
+        ([[0.0, 1.0]], {}, TypeError, "cost"),
+        (torch.rand(2, 3), {"epsilon": 0}, ValueError, "epsilon"),
+        (torch.rand(2, 3), {"n_iters": 0}, ValueError, "n_iters"),
+        (torch.rand(2, 3), {"n_iters": True}, TypeError, "n_iters"),
+        (torch.rand(2, 3), {"a": torch.rand(3)}, ValueError, r"a must have shape \[2\]"),
+        (torch.rand(2, 3), {"a": torch.rand(1, 2)}, ValueError, r"a must have shape \[2\]"),
+        (torch.rand(4, 2, 3), {"b": torch.rand(4, 2)}, ValueError, r"b must have shape \[3\] or \[4, 3\]"),
+        (torch.rand(4, 2, 3), {"b": torch.rand(5, 3)}, ValueError, "b must have shape"),
+        (torch.rand(2, 3), {"b": torch.ones(3, dtype=torch.int64)}, TypeError, "b must be"),
+        (torch.rand(2, 3), {"a": torch.rand(2, device="meta")}, ValueError, "a is on meta"),
+        (torch.rand(2, 3), {"backend": "fastest"}, ValueError, "backend"),
+        (torch.rand(2, 3), {"backend": "cuda"}, ValueError, "cuda"),
+    ],
+)
+def test_sinkhorn_bad_input(cost, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        sinkhorn(cost, **kwargs)
