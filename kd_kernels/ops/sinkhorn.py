@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from kd_kernels.torch_impl import sinkhorn as _torch_impl
+from kd_kernels.torch_impl.sinkhorn import _compute_dtype  # the fakes must agree with the kernels' dtype rule
 
 # backend -> (forward, backward). "triton" and "cuda" kernels register here when written.
 _SINKHORN_LOSS_IMPLS = {"torch": (_torch_impl.sinkhorn_loss_fwd, _torch_impl.sinkhorn_loss_bwd)}
@@ -24,10 +25,6 @@ def _impl(table: dict, op: str, backend: str):
     if backend not in table:
         raise NotImplementedError(f"kd_kernels::{op}: no {backend!r} kernel; available: {tuple(table)}")
     return table[backend]
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    return _torch_impl._compute_dtype(*tensors)
 
 
 def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:

@@ -19,14 +19,20 @@ keys mean E_ij := 0, i.e. distance 1e-6 from the clamp with zero gradient, and p
 such a pair. Distinct but nearly coincident rows are resolved to Gram-route precision only.
 
 Precision: loads happen in the input dtype (fp32, fp16, bf16; float64 is accepted but
-computed in fp32, with results and saved means returned in float64 as the op's fake declares),
-everything is cast to fp32 before ``tl.dot`` (the
-interpreter's bf16 dot is broken, and it keeps parity) and accumulated in fp32; fp32 dots
-use ``input_precision="ieee"`` (no TF32). Row and pair offsets are int64.
+computed in fp32, with results and saved means returned in float64 as the op's fake
+declares). Tiles are cast to fp32 before ``tl.dot`` (the interpreter's bf16 dot is broken,
+and it keeps parity), accumulation is fp32, and fp32 dots use ``input_precision="ieee"`` (no
+TF32). Row and pair offsets are int64.
 
-Memory: distance: O(N + D) besides inputs and grads (plus the [N, N] output for
-``reduction="none"``); the backward accumulates dX with atomics. Angle: two [N, N] fp32
-buffers E_s, E_t (forward and backward) and one [N, N] accumulator per needed gradient.
+Passes and memory. Distance forward: pass 1 sums the distances per tile (a [tiles, 2] buffer
+summed by torch: no host sync) for mu_s, mu_t; pass 2 sums the smooth-L1 terms (or stores
+the [N, N] "none" output). Distance backward: a statistics pass (the path through mu), then
+one pass per needed gradient that recomputes the tiles and adds rowsum(A) X - A X into dX
+with atomics over D chunks: O(N + D) extra memory, no N x N buffer. Angle: two [N, N] fp32
+buffers E_s, E_t (forward and backward), the N^3 triple loop tiled over (anchor, b tile)
+looping over c tiles (forward) or over (b tile, c tile, anchor split) looping over anchors
+(backward, which accumulates one [N, N] dLoss/dE per needed gradient with atomics, then one
+GEMM). Atomics make the gradients' last bits order-dependent on GPU.
 
 Configs: one fixed configuration per kernel (no autotuning): 32-wide tiles under the
 interpreter (cheap to interpret, and a 70-row test spans three tiles), 64-wide on GPU.
