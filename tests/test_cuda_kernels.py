@@ -107,7 +107,8 @@ def test_single_class_and_identical_rows():
     """C = 1 gives KL = 0 and zero gradient; student == teacher gives KL ≈ 0."""
     x = torch.randn(5, 1, device="cuda")
     row_loss, _, _ = fwd(x, 2 * x, 4.0)
-    assert_close(row_loss, torch.zeros(5, device="cuda", dtype=torch.float64), atol=1e-6, name="row_loss")
+    # T² · ((u_t − u_s) − u_t + u_s) in float32: a few ulps of |u| ≈ 1, times T² = 16.
+    assert_close(row_loss, torch.zeros(5, device="cuda", dtype=torch.float64), atol=1e-5, name="row_loss")
     student, _ = logits(6, 1271, torch.float32)
     check(student, student.clone(), 4.0, torch.ones(6, device="cuda"))
 
