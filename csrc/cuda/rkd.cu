@@ -288,8 +288,8 @@ __global__ void __launch_bounds__(kThreads)
   acc_t sq_t[kPer][kPer];
   tile_sqdist(xs, n, ds, i0, j0, sa, sb, sq_s);
   tile_sqdist(xt, n, dt, i0, j0, sa, sb, sq_t);
-  const acc_t inv_mu_s = acc_t(1) / mu[0];
-  const acc_t inv_mu_t = acc_t(1) / mu[1];
+  const acc_t mu_s = mu[0];
+  const acc_t mu_t = mu[1];
   const int ty = threadIdx.x / kSub;
   const int tx = threadIdx.x % kSub;
   acc_t sum = 0;
@@ -301,8 +301,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t j = j0 + tx + kSub * c;
       if (i < n && j < n) {
         const bool off = i != j;
-        const acc_t dh = off ? clamped_dist(sq_s[r][c]) * inv_mu_s : acc_t(0);
-        const acc_t th = off ? clamped_dist(sq_t[r][c]) * inv_mu_t : acc_t(0);
+        const acc_t dh = off ? clamped_dist(sq_s[r][c]) / mu_s : acc_t(0);
+        const acc_t th = off ? clamped_dist(sq_t[r][c]) / mu_t : acc_t(0);
         const acc_t loss = smooth_l1(dh - th);
         sum += loss;
         if (out != nullptr) {
@@ -342,8 +342,8 @@ __global__ void __launch_bounds__(kThreads)
   acc_t sq_t[kPer][kPer];
   tile_sqdist(xs, n, ds, i0, j0, sa, sb, sq_s);
   tile_sqdist(xt, n, dt, i0, j0, sa, sb, sq_t);
-  const acc_t inv_mu_s = acc_t(1) / mu[0];
-  const acc_t inv_mu_t = acc_t(1) / mu[1];
+  const acc_t mu_s = mu[0];
+  const acc_t mu_t = mu[1];
   const acc_t g0 = grad_per_pair ? acc_t(0) : grad[0] * grad_scale;
   const int ty = threadIdx.x / kSub;
   const int tx = threadIdx.x % kSub;
@@ -356,8 +356,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = i0 + ty + kSub * r;
       const int64_t j = j0 + tx + kSub * c;
       if (i < n && j < n && i != j) {
-        const acc_t dh = clamped_dist(sq_s[r][c]) * inv_mu_s;
-        const acc_t th = clamped_dist(sq_t[r][c]) * inv_mu_t;
+        const acc_t dh = clamped_dist(sq_s[r][c]) / mu_s;
+        const acc_t th = clamped_dist(sq_t[r][c]) / mu_t;
         acc_t gamma;  // γ_ij, plus γ_ji for a tile that also stands for its mirror
         if (grad_per_pair) {
           gamma = grad[i * n + j] * grad_scale;

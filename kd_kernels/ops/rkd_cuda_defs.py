@@ -48,7 +48,9 @@ RKD_CUDA_OPS = (
 
 # Keep a reference: the definitions are removed when the Library object is garbage-collected.
 _lib = torch.library.Library("kd_kernels", "FRAGMENT")
-_lib.define("rkd_distance_fwd_cuda(Tensor student, Tensor teacher, str reduction) -> (Tensor loss, Tensor mu_s, Tensor mu_t)")
+_lib.define(
+    "rkd_distance_fwd_cuda(Tensor student, Tensor teacher, str reduction) -> (Tensor loss, Tensor mu_s, Tensor mu_t)"
+)
 _lib.define(
     "rkd_distance_bwd_cuda(Tensor grad, Tensor student, Tensor teacher, Tensor mu_s, Tensor mu_t, str reduction, "
     "bool need_student, bool need_teacher) -> (Tensor grad_student, Tensor grad_teacher)"
