@@ -169,3 +169,29 @@ def test_opcheck_and_compile():
     compiled = torch.compile(loss_and_grad, fullgraph=True)(student, teacher)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_kd_loss_backend_cuda_matches_reference(dtype, teacher_grad):
+    """The public kd_loss with backend="cuda" (the C++ kernel behind the op, with its adapters
+    for ignore_mask and the teacher's gradient) against the float64 reference."""
+    from kd_kernels import kd_loss
+    from kd_kernels.reference.logit import kd_loss as kd_loss_ref
+    from kd_kernels.testing import assert_matches_reference
+
+    s = torch.randn(37, 301, device="cuda", dtype=dtype) * 3
+    t = (torch.randn(37, 301, device="cuda", dtype=dtype) * 3).requires_grad_(teacher_grad)
+    mask = torch.rand(37, device="cuda") < 0.3
+    for reduction in ("batchmean", "sum", "none"):
+        g = torch.rand(37, device="cuda", dtype=dtype) if reduction == "none" else torch.tensor(0.37, device="cuda")
+        assert_matches_reference(
+            lambda a, b, **kw: kd_loss(a, b, backend="cuda", **kw),
+            kd_loss_ref,
+            s,
+            t,
+            grad_output=g,
+            reduction=reduction,
+            ignore_mask=mask,
+            temperature=2.5,
+        )

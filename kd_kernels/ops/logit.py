@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from kd_kernels.ops import cuda_defs as _cuda_defs  # noqa: F401  (defines the kd_*_cuda schemas)
 from kd_kernels.torch_impl import logit as _impl
 
 __all__: list[str] = []
@@ -52,6 +53,42 @@ _BWD: dict[str, dict] = {
     "dist": {"torch": _impl.dist_bwd},
     "grkd": {"torch": _impl.grkd_bwd},
 }
+
+
+# --- CUDA C++ Hinton KD (csrc/cuda/logit.cu; schemas in kd_kernels/ops/cuda_defs.py) -------
+# The C++ ops take one dtype and no mask; these adapters give them the torch_impl contract:
+# rows whose ignore_mask is set get 0 loss and 0 gradient, and a teacher that requires grad
+# gets its gradient from the PyTorch path (the kernel computes the student's only).
+
+
+def _kd_fwd_cuda(student, teacher, temperature, ignore_mask):
+    from kd_kernels._backend import load_extension
+
+    load_extension()
+    dtype = student.dtype if student.dtype == teacher.dtype else _impl.compute_dtype(student, teacher)
+    rows, lse_s, lse_t = torch.ops.kd_kernels.kd_fwd_cuda(student.to(dtype), teacher.to(dtype), float(temperature))
+    if ignore_mask is not None:
+        rows = torch.where(ignore_mask, rows.new_zeros(()), rows)
+    return rows, lse_s, lse_t
+
+
+def _kd_bwd_cuda(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask, need_student, need_teacher):
+    gs = student.new_empty(0)
+    if need_student:
+        dtype = student.dtype if student.dtype == teacher.dtype else _impl.compute_dtype(student, teacher)
+        gs = torch.ops.kd_kernels.kd_bwd_cuda(
+            grad_row, student.to(dtype), teacher.to(dtype), lse_s, lse_t, float(temperature)
+        ).to(student.dtype)
+        if ignore_mask is not None:
+            gs = torch.where(ignore_mask[:, None], gs.new_zeros(()), gs)
+    gt = teacher.new_empty(0)
+    if need_teacher:
+        gt = _impl.kd_bwd(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask, False, True)[1]
+    return gs, gt
+
+
+_FWD["kd"]["cuda"] = _kd_fwd_cuda
+_BWD["kd"]["cuda"] = _kd_bwd_cuda
 
 
 def _kernel(table: dict, loss: str, direction: str, backend: str):
