@@ -46,7 +46,9 @@ def _close(actual, expected, dtype, name, compute_dtype=None):
     assert actual.dtype == dtype, f"{name}: dtype {actual.dtype} != {dtype}"
     scale = expected.abs().max().item() if expected.numel() else 0.0
     tol = max(TOL[dtype], TOL[compute_dtype or dtype])
-    assert_close(actual, expected, rtol=tol, atol=tol * max(scale, 1e-12), name=name)
+    # The floor covers N = 2, where the exact loss is 0 and float32 rounding leaves ~1e-15 (the
+    # b = c triples of the angle loss have cosine 1 up to rounding in both networks).
+    assert_close(actual, expected, rtol=tol, atol=tol * max(scale, 1e-9), name=name)
 
 
 def _reference(fn, student, teacher, reduction, grad, need_teacher):
@@ -72,7 +74,7 @@ def _features(n, dtype, *, dup=None, ds=DS, dt=DT):
 
 def _check_distance(s, t, reduction, need_teacher):
     loss, mu_s, mu_t = ops.rkd_distance_fwd_cuda(s, t, reduction)
-    mu_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    mu_dtype = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
     assert mu_s.shape == () and mu_t.shape == () and mu_s.dtype == mu_dtype and mu_t.dtype == mu_dtype
     grad = (torch.rand(loss.shape, device="cuda", dtype=torch.float64) + 0.3).to(loss.dtype)
     gs, gt = ops.rkd_distance_bwd_cuda(grad, s, t, mu_s, mu_t, reduction, True, need_teacher)
@@ -100,9 +102,13 @@ def _check_angle(s, t, reduction, need_teacher):
 
 def test_fake_impls_give_shapes_and_dtypes_on_meta():
     """CPU-runnable: the registered fakes on meta tensors and under FakeTensorMode."""
-    for dtype, mu_dtype in [(torch.float16, torch.float32), (torch.float64, torch.float64)]:
+    for dtype, t_dtype, mu_dtype in [
+        (torch.float16, torch.float32, torch.float32),
+        (torch.float64, torch.float32, torch.float64),
+        (torch.float32, torch.float64, torch.float64),
+    ]:
         s = torch.empty(7, 5, device="meta", dtype=dtype)
-        t = torch.empty(7, 3, device="meta", dtype=torch.float32)
+        t = torch.empty(7, 3, device="meta", dtype=t_dtype)
         for reduction, dshape, ashape in [("mean", (), ()), ("sum", (), ()), ("none", (7, 7), (7,))]:
             loss, mu_s, mu_t = ops.rkd_distance_fwd_cuda(s, t, reduction)
             assert (loss.shape, loss.dtype) == (dshape, dtype)

@@ -13,9 +13,9 @@
 // student [N, Ds], teacher [N, Dt] (Ds may differ from Dt), float16 / bfloat16 / float32 / float64.
 // loss: 0-dim for "mean" / "sum"; "none" gives the [N, N] per-pair terms (distance) or the [N]
 // per-anchor means over the N² (b, c) pairs (angle); always in the student's dtype.
-// mu_s, mu_t: 0-dim mean off-diagonal distances, float32 (float64 for a float64 student).
+// mu_s, mu_t: 0-dim mean off-diagonal distances, float32 (float64 if either input is float64).
 // A gradient that is not asked for comes back as an empty tensor (numel 0).
-// If student and teacher dtypes differ, both are first cast to the student's accumulation type.
+// If student and teacher dtypes differ, both are first cast to float64 if either is float64, else float32.
 //
 // Numerics. All arithmetic is in acc_t = at::opmath_type<scalar_t> (float32; float64 for float64).
 // Squared distances are summed from explicit differences, Σ_k (x_ik − x_jk)², never from a Gram
@@ -545,7 +545,7 @@ __global__ void __launch_bounds__(kThreads)
 // Backward, with g_a = ∂L/∂ℓ_a.. (grad / N³, grad, or grad[a] / N²), G_abc = g_a h'(ψˢ − ψᵗ),
 // q_ab = 1/E_ab where sqrt(E_ab) ≥ 1e-12 (else 0: the clamped norm has no gradient),
 // and the entries of E treated as independent variables W_ij = ∂L/∂E_ij:
-//   ∂ψ_abc/∂E_ab = R_ab R_ac / 2 − ψ_abc q_ab / 2,   ∂ψ_abc/∂E_ac likewise,   ∂ψ_abc/∂E_bc = −R_ab R_ac / 2
+//   ∂ψ_abc/∂E_ab = R_ab R_ac / 2 − ψ_abc q_ab / 2  (∂ψ_abc/∂E_ac likewise),  ∂ψ_abc/∂E_bc = −R_ab R_ac / 2
 //   W_ab = Σ_c G_abc (R_ab R_ac − ψ_abc q_ab)        (the anchor rows; G, ψ symmetric in b, c)
 //        − ½ Σ_k G_kab R_ka R_kb                     (the pair entries, summed over anchors k)
 //   ∂L/∂x_i = Σ_j (W_ij + W_ji) ∂E_ij/∂x_i = 2 Σ_j S_ij (x_i − x_j),   S = W + Wᵀ
@@ -891,26 +891,29 @@ void check_pair(const at::Tensor& student, const at::Tensor& teacher, const char
   TORCH_CHECK(student.size(0) >= min_rows, op, ": needs N >= ", min_rows, " rows, got N = ", student.size(0));
 }
 
-// The accumulation dtype: float64 for a float64 student, else float32.
-at::ScalarType acc_dtype(const at::Tensor& student) { return at::toOpMathType(student.scalar_type()); }
+// The accumulation dtype: float64 if either input is float64, else float32 (as torch_impl.rkd.compute_dtype).
+at::ScalarType acc_dtype(const at::Tensor& student, const at::Tensor& teacher) {
+  const bool f64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
+  return f64 ? at::kDouble : at::kFloat;
+}
 
 // Contiguous student / teacher of one dtype: their own if they agree, else both cast to acc_dtype.
 std::pair<at::Tensor, at::Tensor> compute_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   if (student.scalar_type() == teacher.scalar_type()) return {student.contiguous(), teacher.contiguous()};
-  const at::ScalarType ct = acc_dtype(student);
+  const at::ScalarType ct = acc_dtype(student, teacher);
   return {student.to(ct).contiguous(), teacher.to(ct).contiguous()};
 }
 
 // grad as a contiguous tensor in the accumulation dtype, after checking its shape and device.
 at::Tensor upstream_grad(const at::Tensor& grad, const at::Tensor& student, at::IntArrayRef none_shape,
-                         bool none, const char* op) {
+                         bool none, at::ScalarType acc, const char* op) {
   check_same_device(grad, student, op, "grad", "student");
   if (none) {
     check_sizes(grad, none_shape, op, "grad", none_shape.size() == 2 ? "[N, N]" : "[N]");
   } else {
     TORCH_CHECK(grad.numel() == 1, op, ": grad must have one element for a reduced loss, got shape ", grad.sizes());
   }
-  return grad.to(acc_dtype(student)).contiguous().reshape({-1});
+  return grad.to(acc).contiguous().reshape({-1});
 }
 
 dim3 tile_grid(int64_t tiles) {
@@ -931,7 +934,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_fwd_cuda(const at::T
   const int64_t ds = xs.size(1);
   const int64_t dt = xt.size(1);
   const int64_t tiles = ceil_div(n, kTile);
-  const auto acc_opts = xs.options().dtype(acc_dtype(student));
+  const auto acc_opts = xs.options().dtype(acc_dtype(student, teacher));
   const dim3 grid = tile_grid(tiles);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor mu_partial = at::zeros({tiles * tiles, 2}, acc_opts);
@@ -981,10 +984,10 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_bwd_cuda(const at::Tensor& grad,
   const int64_t ds = xs.size(1);
   const int64_t dt = xt.size(1);
   const int64_t tiles = ceil_div(n, kTile);
-  const at::ScalarType acc = acc_dtype(student);
+  const at::ScalarType acc = acc_dtype(student, teacher);
   const auto acc_opts = xs.options().dtype(acc);
   const bool none = red == Reduction::kNone;
-  const at::Tensor g = upstream_grad(grad, student, {n, n}, none, op);
+  const at::Tensor g = upstream_grad(grad, student, {n, n}, none, acc, op);
   const double scale = red == Reduction::kMean ? 1.0 / static_cast<double>(n * n) : 1.0;
   const at::Tensor mu = at::stack({mu_s.reshape({}), mu_t.reshape({})}).to(acc).contiguous();
   at::Tensor c_partial = at::zeros({tiles * tiles, 2}, acc_opts);
@@ -1037,7 +1040,7 @@ at::Tensor rkd_angle_fwd_cuda(const at::Tensor& student, const at::Tensor& teach
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor xs, xt;
   std::tie(xs, xt) = compute_inputs(student, teacher);
-  const at::ScalarType acc = acc_dtype(student);
+  const at::ScalarType acc = acc_dtype(student, teacher);
   const int64_t n = xs.size(0);
   const int64_t tiles = ceil_div(n, kTile);
   at::Tensor es, rs, et, rt;
@@ -1102,11 +1105,11 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_bwd_cuda(const at::Tensor& grad, co
   if (!need_student && !need_teacher) return {grad_student, grad_teacher};
   at::Tensor xs, xt;
   std::tie(xs, xt) = compute_inputs(student, teacher);
-  const at::ScalarType acc = acc_dtype(student);
+  const at::ScalarType acc = acc_dtype(student, teacher);
   const int64_t n = xs.size(0);
   const double nd = static_cast<double>(n);
   const bool none = red == Reduction::kNone;
-  const at::Tensor g = upstream_grad(grad, student, {n}, none, op);
+  const at::Tensor g = upstream_grad(grad, student, {n}, none, acc, op);
   const double scale = red == Reduction::kMean ? 1.0 / (nd * nd * nd) : (none ? 1.0 / (nd * nd) : 1.0);
   at::Tensor es, rs, et, rt;
   std::tie(es, rs) = sqdist_and_rinv(xs, acc);

@@ -15,7 +15,7 @@ Ops (student ``[N, Ds]``, teacher ``[N, Dt]``, ``reduction`` in ``"mean" | "sum"
 -> (Tensor loss, Tensor mu_s, Tensor mu_t)``
     ``loss``: 0-dim, or the ``[N, N]`` per-pair smooth-L1 terms for ``"none"``, in the student's
     dtype. ``mu_s``, ``mu_t``: 0-dim mean off-diagonal distances of student and teacher, float32
-    (float64 for a float64 student), saved for the backward. Needs ``N >= 2``.
+    (float64 if either input is float64: the compute dtype), saved for the backward. Needs ``N >= 2``.
 
 ``kd_kernels::rkd_distance_bwd_cuda(Tensor grad, Tensor student, Tensor teacher, Tensor mu_s,
 Tensor mu_t, str reduction, bool need_student, bool need_teacher)
@@ -71,9 +71,9 @@ def _check_pair(student: torch.Tensor, teacher: torch.Tensor, op: str) -> None:
     )
 
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of mu_s / mu_t: float64 for a float64 student, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _stat_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
+    """Dtype of mu_s / mu_t (the compute dtype): float64 if either input is float64, else float32."""
+    return torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
 
 
 def _grads(student: torch.Tensor, teacher: torch.Tensor, need_student: bool, need_teacher: bool):
@@ -89,7 +89,7 @@ def _rkd_distance_fwd_cuda_fake(
     _check_pair(student, teacher, "rkd_distance_fwd_cuda")
     n = student.shape[0]
     loss = student.new_empty((n, n) if reduction == "none" else ())
-    dtype = _stat_dtype(student.dtype)
+    dtype = _stat_dtype(student, teacher)
     return loss, student.new_empty((), dtype=dtype), student.new_empty((), dtype=dtype)
 
 

@@ -25,6 +25,11 @@ Design (LOSSES.md §1, §2):
   (closer than ~sqrt(eps)·|x̃|) are resolved only to Gram-route precision, as in the upstream
   fp32 code. (Exact per-pair distances, e.g. torch.cdist without the mm trick, are ~20x slower
   on CPU at N=16384, D=512 and buy nothing for rows that are not identical.)
+  One deliberate difference: when two rows are identical in the student but not in the
+  teacher, the reference's angle gradient on them is (1/eps = 1e12) x a nonzero number (the
+  derivative of F.normalize at a zero vector); here a degenerate ψ is a constant 0, so those
+  pairs get no gradient. Values, and all gradients when duplicates are shared by both
+  networks (the usual case: the same sample twice in a batch), match the reference.
 * Inputs are computed in float32 (float64 if student or teacher is float64); results are cast
   to the student's dtype, gradients to each input's dtype.
 """
