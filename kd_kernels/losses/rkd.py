@@ -13,7 +13,7 @@ from kd_kernels.ops import rkd as _ops
 
 __all__ = ["RKDAngleLoss", "RKDDistanceLoss", "RKDLoss", "rkd_angle_loss", "rkd_distance_loss", "rkd_loss"]
 
-_KERNELS = ("torch",)
+_KERNELS = ("torch", "triton", "cuda")  # auto on CUDA: cuda, then triton (GPU ranking not yet measured)
 _REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import torch
 
+from kd_kernels.ops.rkd_cuda_defs import RKD_CUDA_OPS  # the RKD ops' schemas live beside their kernels' docs
+
 __all__ = ["CUDA_OPS"]
 
 # Fully qualified names of the ops defined here (and implemented on CUDA by kd_kernels._C).
-CUDA_OPS = ("kd_kernels::kd_fwd_cuda", "kd_kernels::kd_bwd_cuda")
+CUDA_OPS = ("kd_kernels::kd_fwd_cuda", "kd_kernels::kd_bwd_cuda", *RKD_CUDA_OPS)
 
 # Keep a reference: the definitions are removed when the Library object is garbage-collected.
 _lib = torch.library.Library("kd_kernels", "FRAGMENT")

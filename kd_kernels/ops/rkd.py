@@ -10,14 +10,46 @@ in ``kd_kernels/losses/rkd.py``, never here.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
+from kd_kernels._backend import load_extension
+from kd_kernels.ops import rkd_cuda_defs as _rkd_cuda_defs  # noqa: F401  (defines the rkd_*_cuda schemas)
 from kd_kernels.torch_impl import rkd as _torch_impl
 
 __all__ = ["rkd_angle_bwd", "rkd_angle_fwd", "rkd_distance_bwd", "rkd_distance_fwd"]
 
-_DISTANCE = {"torch": (_torch_impl.rkd_distance_fwd, _torch_impl.rkd_distance_bwd)}
-_ANGLE = {"torch": (_torch_impl.rkd_angle_fwd, _torch_impl.rkd_angle_bwd)}
+
+def _triton(name: str):
+    """A launcher of kd_kernels/triton/rkd.py, imported on first call (Triton loads lazily)."""
+
+    def call(*args):
+        return getattr(importlib.import_module("kd_kernels.triton.rkd"), name)(*args)
+
+    return call
+
+
+def _cuda(name: str):
+    """An op of csrc/cuda/rkd.cu (``kd_kernels._C`` loads on first call)."""
+
+    def call(*args):
+        load_extension()
+        return getattr(torch.ops.kd_kernels, name)(*args)
+
+    return call
+
+
+_DISTANCE = {
+    "torch": (_torch_impl.rkd_distance_fwd, _torch_impl.rkd_distance_bwd),
+    "triton": (_triton("rkd_distance_fwd_triton"), _triton("rkd_distance_bwd_triton")),
+    "cuda": (_cuda("rkd_distance_fwd_cuda"), _cuda("rkd_distance_bwd_cuda")),
+}
+_ANGLE = {
+    "torch": (_torch_impl.rkd_angle_fwd, _torch_impl.rkd_angle_bwd),
+    "triton": (_triton("rkd_angle_fwd_triton"), _triton("rkd_angle_bwd_triton")),
+    "cuda": (_cuda("rkd_angle_fwd_cuda"), _cuda("rkd_angle_bwd_cuda")),
+}
 
 
 def _kernels(table: dict, backend: str, op: str):
