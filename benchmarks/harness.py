@@ -22,7 +22,7 @@ import gc
 import os
 import platform
 import subprocess
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -35,7 +35,7 @@ def git_commit() -> str:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(__file__), stderr=subprocess.DEVNULL, text=True
         ).strip()
-    except Exception:
+    except Exception:  # noqa: BLE001  (no git, not a repository: record "unknown")
         return "unknown"
 
 

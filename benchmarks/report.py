@@ -48,7 +48,9 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         by_op[(r["family"], r["op"])].append(r)
     for (family, op), rs in sorted(by_op.items()):
-        ref = {(shape_key(r["shape"]), r["dtype"], r["mode"]): r["median_ms"] for r in rs if r["provider"] == "reference"}
+        ref = {
+            (shape_key(r["shape"]), r["dtype"], r["mode"]): r["median_ms"] for r in rs if r["provider"] == "reference"
+        }
         out.append(f"\n### {family} / {op}\n")
         out.append("| shape | dtype | mode | provider | median ms (p25-p75) | peak MB | TFLOP/s | vs reference |")
         out.append("|---|---|---|---|---|---|---|---|")
@@ -126,7 +128,9 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
         title = f"{op} {mode} {dtype} {rest}"
         body = svg_panel(t, f"time: {title}", "median ms", 0) + svg_panel(m, "peak memory", "MB", 440)
         path = out.with_name(f"{out.name}_{op}_{mode}_{dtype}_{rest.replace(', ', '_').replace('=', '')}.svg")
-        path.write_text(f'<svg xmlns="http://www.w3.org/2000/svg" width="880" height="300" font-family="sans-serif">{body}</svg>')
+        path.write_text(
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="880" height="300" font-family="sans-serif">{body}</svg>'
+        )
         written.append(path)
     return written
 

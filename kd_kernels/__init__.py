@@ -7,10 +7,10 @@ the compiled CUDA extension ``kd_kernels._C`` is loaded on first use (or by
 
 __version__ = "0.1.0"
 
-from kd_kernels._backend import available_backends, build_info  # noqa: E402
-from kd_kernels.functional import *  # noqa: E402,F401,F403
-from kd_kernels.functional import __all__ as _functional_all  # noqa: E402
-from kd_kernels.nn import *  # noqa: E402,F401,F403
-from kd_kernels.nn import __all__ as _nn_all  # noqa: E402
+from kd_kernels._backend import available_backends, build_info
+from kd_kernels.functional import *
+from kd_kernels.functional import __all__ as _functional_all
+from kd_kernels.nn import *
+from kd_kernels.nn import __all__ as _nn_all
 
-__all__ = ["__version__", "build_info", "available_backends", *_functional_all, *_nn_all]
+__all__ = ["__version__", "build_info", "available_backends"] + list(_functional_all) + list(_nn_all)

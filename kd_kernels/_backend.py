@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -31,7 +31,7 @@ def load_extension():
         try:
             _ext_state["module"] = importlib.import_module("kd_kernels._C")
             _ext_state["error"] = None
-        except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+        except Exception as exc:  # noqa: BLE001  (ImportError, or an undefined symbol from a torch mismatch)
             _ext_state["module"] = None
             _ext_state["error"] = f"{type(exc).__name__}: {exc}"
     return _ext_state["module"]
@@ -50,7 +50,7 @@ def triton_version() -> str | None:
             import triton
 
             _triton_state["version"] = triton.__version__
-        except Exception:
+        except Exception:  # noqa: BLE001  (a broken triton install must not break import)
             _triton_state["version"] = None
     return _triton_state["version"]  # type: ignore[return-value]
 
@@ -114,10 +114,7 @@ def resolve_backend(backend: str, device: torch.device, *, loss: str, kernels: I
                 return "triton"
         return "torch"
     if backend not in kernels:
-        raise ValueError(
-            f"{loss}: backend={backend!r} is not implemented for this loss yet; "
-            f"implemented: {kernels}"
-        )
+        raise ValueError(f"{loss}: backend={backend!r} is not implemented for this loss yet; implemented: {kernels}")
     if backend == "triton" and not _triton_usable(device):
         if triton_version() is None:
             why = "triton is not installed"

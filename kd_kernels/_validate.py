@@ -4,7 +4,7 @@ tensor values), so they cost nothing on the device and are safe under torch.comp
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -66,7 +66,9 @@ def check_pair(
     if student.shape[-2] < min_rows:
         raise ValueError(f"{loss}: needs at least {min_rows} {row_what} (N >= {min_rows}), got N={student.shape[-2]}")
     if student.shape[-1] < 1 or teacher.shape[-1] < 1:
-        raise ValueError(f"{loss}: the last dim of {sn} and {tn} must be >= 1, got {tuple(student.shape)}, {tuple(teacher.shape)}")
+        raise ValueError(
+            f"{loss}: the last dim of {sn} and {tn} must be >= 1, got {tuple(student.shape)}, {tuple(teacher.shape)}"
+        )
 
 
 def check_choice(loss: str, name: str, value, allowed: Sequence) -> None:

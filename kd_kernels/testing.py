@@ -41,7 +41,9 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float | N
     max/mean error and the mismatch count.
     """
     if expected is None or actual is None:
-        assert actual is None and expected is None, f"{name}: one of actual/expected is None ({actual is None}, {expected is None})"
+        assert actual is None and expected is None, (
+            f"{name}: one of actual/expected is None ({actual is None}, {expected is None})"
+        )
         return
     d_rtol, d_atol = TOLERANCES.get(actual.dtype, (1e-5, 1e-6))
     rtol = d_rtol if rtol is None else rtol
@@ -79,7 +81,9 @@ def value_and_grads(fn, student: torch.Tensor, teacher: torch.Tensor, *, grad_ou
     return out.detach(), s.grad, t.grad
 
 
-def assert_matches_reference(fn, ref, student, teacher, *, grad_output=None, rtol=None, atol=None, name="loss", **kwargs):
+def assert_matches_reference(
+    fn, ref, student, teacher, *, grad_output=None, rtol=None, atol=None, name="loss", **kwargs
+):
     """Compare ``fn`` (in the inputs' dtype) with ``ref`` in float64: value and both gradients."""
     v, gs, gt = value_and_grads(fn, student, teacher, grad_output=grad_output, **kwargs)
     rv, rgs, rgt = value_and_grads(ref, student, teacher, grad_output=grad_output, dtype=torch.float64, **kwargs)

@@ -22,6 +22,7 @@ mean +- std over the seeds. Runs on the CPU in a minute or two with the defaults
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -59,7 +60,7 @@ class MLP(nn.Module):
     def __init__(self, widths: list[int], n_classes: int = 10):
         super().__init__()
         layers: list[nn.Module] = []
-        for a, b in zip(widths[:-2], widths[1:-1]):
+        for a, b in itertools.pairwise(widths[:-1]):
             layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU()]
         layers.append(nn.Linear(widths[-2], widths[-1]))
         self.body = nn.Sequential(*layers)
@@ -105,7 +106,7 @@ def train(model, x, y, *, epochs, batch_size, lr, seed, desc, loss_fn, bar):
 
 def run_seed(seed: int, args, bar) -> dict[str, tuple[float, float]]:
     x_tr, y_tr, x_te, y_te = load_digits_split(seed)
-    common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, bar=bar)
+    common = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": seed, "bar": bar}
 
     def ce(model, xb, yb):
         return F.cross_entropy(model(xb)[1], yb)
@@ -117,16 +118,16 @@ def run_seed(seed: int, args, bar) -> dict[str, tuple[float, float]]:
     alone = train(MLP(args.student_widths), x_tr, y_tr, desc="student", loss_fn=ce, **common)
 
     kd = kd_kernels.KDLoss(temperature=args.temperature, backend=args.backend)
-    rkd = kd_kernels.RKDLoss(
-        distance_weight=args.distance_weight, angle_weight=args.angle_weight, backend=args.backend
-    )
+    rkd = kd_kernels.RKDLoss(distance_weight=args.distance_weight, angle_weight=args.angle_weight, backend=args.backend)
 
     def distill(model, xb, yb):
         with torch.no_grad():
             t_emb, t_logits = teacher(xb)
             t_emb = F.normalize(t_emb, dim=1)  # lenscloth/RKD: teacher embedding L2-normalised
         s_emb, s_logits = model(xb)
-        return args.ce_weight * F.cross_entropy(s_logits, yb) + args.kd_weight * kd(s_logits, t_logits) + rkd(s_emb, t_emb)
+        return (
+            args.ce_weight * F.cross_entropy(s_logits, yb) + args.kd_weight * kd(s_logits, t_logits) + rkd(s_emb, t_emb)
+        )
 
     torch.manual_seed(seed + 1)  # same initial student as "alone"
     distilled = train(MLP(args.student_widths), x_tr, y_tr, desc="distilled", loss_fn=distill, **common)
@@ -144,7 +145,9 @@ def fmt(values: list[float]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seeds", type=int, default=3, help="independent runs (split, init) to average")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=64)

@@ -22,7 +22,11 @@ API = {
     "rkd_distance_loss": ("RKDDistanceLoss", ("student", "teacher"), {"reduction": "mean", "backend": "auto"}),
     "rkd_angle_loss": ("RKDAngleLoss", ("student", "teacher"), {"reduction": "mean", "backend": "auto"}),
     "rkd_loss": ("RKDLoss", ("student", "teacher"), {"distance_weight": 25.0, "angle_weight": 50.0, "backend": "auto"}),
-    "gram_loss": ("GramLoss", ("student", "teacher"), {"center": True, "normalize": True, "mask": None, "backend": "auto"}),
+    "gram_loss": (
+        "GramLoss",
+        ("student", "teacher"),
+        {"center": True, "normalize": True, "mask": None, "backend": "auto"},
+    ),
     "procrustes_loss": ("ProcrustesLoss", ("student", "teacher"), {"center": True, "mask": None, "backend": "auto"}),
     "cka_loss": ("CKALoss", ("student", "teacher"), {"unbiased": False, "mask": None, "backend": "auto"}),
     "relation_loss": ("RelationLoss", ("student", "teacher"), {"mask": None, "backend": "auto"}),
@@ -32,7 +36,11 @@ API = {
         {"temperature": 2.0, "epsilon": 0.1, "n_iters": 20, "backend": "auto"},
     ),
     "sinkhorn": (None, ("cost",), {"epsilon": 0.1, "n_iters": 100, "a": None, "b": None, "backend": "auto"}),
-    "kd_loss": ("KDLoss", LOGIT, {"temperature": 4.0, "reduction": "batchmean", "ignore_mask": None, "backend": "auto"}),
+    "kd_loss": (
+        "KDLoss",
+        LOGIT,
+        {"temperature": 4.0, "reduction": "batchmean", "ignore_mask": None, "backend": "auto"},
+    ),
     "reverse_kl_loss": (
         "ReverseKLLoss",
         LOGIT,
@@ -43,7 +51,11 @@ API = {
         LOGIT,
         {"beta": 0.5, "temperature": 1.0, "reduction": "batchmean", "ignore_mask": None, "backend": "auto"},
     ),
-    "tvd_loss": ("TVDLoss", LOGIT, {"temperature": 1.0, "reduction": "batchmean", "ignore_mask": None, "backend": "auto"}),
+    "tvd_loss": (
+        "TVDLoss",
+        LOGIT,
+        {"temperature": 1.0, "reduction": "batchmean", "ignore_mask": None, "backend": "auto"},
+    ),
     "dist_loss": (
         "DISTLoss",
         LOGIT,

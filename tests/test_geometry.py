@@ -13,7 +13,11 @@ from kd_kernels.torch_impl import geometry as T
 
 # (public function, reference, kwargs): every flag combination of every loss.
 CASES = [
-    *[(kd_kernels.gram_loss, R.gram_loss, {"center": c, "normalize": nz}) for c in (True, False) for nz in (True, False)],
+    *[
+        (kd_kernels.gram_loss, R.gram_loss, {"center": c, "normalize": nz})
+        for c in (True, False)
+        for nz in (True, False)
+    ],
     *[(kd_kernels.procrustes_loss, R.procrustes_loss, {"center": c}) for c in (True, False)],
     *[(kd_kernels.cka_loss, R.cka_loss, {"unbiased": u}) for u in (False, True)],
     (kd_kernels.relation_loss, R.relation_loss, {}),
@@ -173,8 +177,11 @@ def test_batched_is_mean_of_items(case, shape):
     def per_item(a, b):
         return torch.stack([fn(a[i], b[i], **kw) for i in range(a.shape[0])]).mean()
 
-    for got, want, what in zip(value_and_grads(lambda a, b: fn(a, b, **kw), s, t), value_and_grads(per_item, s, t),
-                               ("value", "grad student", "grad teacher")):
+    for got, want, what in zip(
+        value_and_grads(lambda a, b: fn(a, b, **kw), s, t),
+        value_and_grads(per_item, s, t),
+        ("value", "grad student", "grad teacher"),
+    ):
         assert_close(got, want, name=what)
 
 
@@ -197,7 +204,11 @@ def _op_samples():
     """(student, teacher, mask): a 2-D D x D case without mask, a batched N x N case with one."""
     return [
         (torch.randn(9, 3), torch.randn(9, 4, requires_grad=True), None),
-        (torch.randn(2, 4, 6, requires_grad=True), torch.randn(2, 4, 5), torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]]).bool()),
+        (
+            torch.randn(2, 4, 6, requires_grad=True),
+            torch.randn(2, 4, 5),
+            torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]]).bool(),
+        ),
     ]
 
 
@@ -266,8 +277,10 @@ def test_functional_equals_module(case):
     mask = _rand_mask(s.shape[:-1])
     for got, want in zip(value_and_grads(module, s, t), value_and_grads(lambda a, b: fn(a, b, **kw), s, t)):
         assert torch.equal(got, want)
-    for got, want in zip(value_and_grads(lambda a, b: module(a, b, mask), s, t),
-                         value_and_grads(lambda a, b: fn(a, b, mask=mask, **kw), s, t)):
+    for got, want in zip(
+        value_and_grads(lambda a, b: module(a, b, mask), s, t),
+        value_and_grads(lambda a, b: fn(a, b, mask=mask, **kw), s, t),
+    ):
         assert torch.equal(got, want)
     assert module_cls.__name__ in kd_kernels.nn.__all__ and fn.__name__ in kd_kernels.functional.__all__
 

@@ -241,7 +241,12 @@ def test_public_api_backend_triton(device, loss):
     ref = rkd_distance_loss if loss == "distance" else rkd_angle_loss
     s, t = _inputs(11, 6, 4, device)
     assert_matches_reference(
-        lambda a, b, **kw: fn(a, b, backend="triton", **kw), ref, s, t, grad_output=torch.tensor(0.37, device=device), reduction="mean"
+        lambda a, b, **kw: fn(a, b, backend="triton", **kw),
+        ref,
+        s,
+        t,
+        grad_output=torch.tensor(0.37, device=device),
+        reduction="mean",
     )
     op = rkd_ops.rkd_distance_fwd if loss == "distance" else rkd_ops.rkd_angle_fwd
     torch.library.opcheck(op, (s.detach().requires_grad_(), t.detach(), "mean", "triton"))

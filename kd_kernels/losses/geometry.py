@@ -90,8 +90,16 @@ def gram_loss(
         >>> loss = gram_loss(s, t)
         >>> loss.backward()
     """
-    backend = _check("gram_loss", student, teacher, mask, backend, min_rows=2 if center else 1,
-                     why="centring needs N >= 2", flags={"center": center, "normalize": normalize})
+    backend = _check(
+        "gram_loss",
+        student,
+        teacher,
+        mask,
+        backend,
+        min_rows=2 if center else 1,
+        why="centring needs N >= 2",
+        flags={"center": center, "normalize": normalize},
+    )
     return _ops.gram_fwd(student, teacher, mask, center, normalize, backend)[0]
 
 
@@ -140,8 +148,16 @@ def procrustes_loss(
         >>> loss = procrustes_loss(s, t)
         >>> loss.backward()
     """
-    backend = _check("procrustes_loss", student, teacher, mask, backend, min_rows=2 if center else 1,
-                     why="centring needs N >= 2", flags={"center": center})
+    backend = _check(
+        "procrustes_loss",
+        student,
+        teacher,
+        mask,
+        backend,
+        min_rows=2 if center else 1,
+        why="centring needs N >= 2",
+        flags={"center": center},
+    )
     return _ops.procrustes_fwd(student, teacher, mask, center, backend)[0]
 
 
@@ -194,9 +210,16 @@ def cka_loss(
         >>> loss = cka_loss(s, t)
         >>> loss.backward()
     """
-    backend = _check("cka_loss", student, teacher, mask, backend, min_rows=4 if unbiased else 2,
-                     why="unbiased CKA needs N >= 4" if unbiased else "centring needs N >= 2",
-                     flags={"unbiased": unbiased})
+    backend = _check(
+        "cka_loss",
+        student,
+        teacher,
+        mask,
+        backend,
+        min_rows=4 if unbiased else 2,
+        why="unbiased CKA needs N >= 4" if unbiased else "centring needs N >= 2",
+        flags={"unbiased": unbiased},
+    )
     return _ops.cka_fwd(student, teacher, mask, unbiased, backend)[0]
 
 
@@ -251,8 +274,9 @@ class GramLoss(nn.Module):
         self.center, self.normalize, self.backend = center, normalize, backend
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
-        return gram_loss(student, teacher, center=self.center, normalize=self.normalize, mask=mask,
-                         backend=self.backend)
+        return gram_loss(
+            student, teacher, center=self.center, normalize=self.normalize, mask=mask, backend=self.backend
+        )
 
     def extra_repr(self) -> str:
         return f"center={self.center}, normalize={self.normalize}, backend={self.backend!r}"
@@ -298,4 +322,3 @@ class RelationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
-

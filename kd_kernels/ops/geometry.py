@@ -96,8 +96,7 @@ _G8 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tens
 
 
 @torch.library.custom_op("kd_kernels::gram_fwd", mutates_args=())
-def gram_fwd(student: Tensor, teacher: Tensor, mask: Tensor | None, center: bool, normalize: bool,
-             backend: str) -> _G8:
+def gram_fwd(student: Tensor, teacher: Tensor, mask: Tensor | None, center: bool, normalize: bool, backend: str) -> _G8:
     loss, saved = _impl("gram", "fwd", backend)(student, teacher, mask, center, normalize)
     return (loss, *saved)
 
@@ -108,17 +107,51 @@ def _(student, teacher, mask, center, normalize, backend):
 
 
 @torch.library.custom_op("kd_kernels::gram_bwd", mutates_args=())
-def gram_bwd(grad: Tensor, student: Tensor, teacher: Tensor, mask: Tensor | None, mu_x: Tensor, scale_x: Tensor,
-             mu_y: Tensor, scale_y: Tensor, m_xx: Tensor, m_xy: Tensor, m_yy: Tensor, h: Tensor, center: bool,
-             normalize: bool, need_student: bool, need_teacher: bool, backend: str) -> tuple[Tensor, Tensor]:
+def gram_bwd(
+    grad: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    mu_x: Tensor,
+    scale_x: Tensor,
+    mu_y: Tensor,
+    scale_y: Tensor,
+    m_xx: Tensor,
+    m_xy: Tensor,
+    m_yy: Tensor,
+    h: Tensor,
+    center: bool,
+    normalize: bool,
+    need_student: bool,
+    need_teacher: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     saved = (mu_x, scale_x, mu_y, scale_y, m_xx, m_xy, m_yy, h)
-    return _impl("gram", "bwd", backend)(grad, student, teacher, mask, saved, center, normalize,
-                                          need_student, need_teacher)
+    return _impl("gram", "bwd", backend)(
+        grad, student, teacher, mask, saved, center, normalize, need_student, need_teacher
+    )
 
 
 @gram_bwd.register_fake
-def _(grad, student, teacher, mask, mu_x, scale_x, mu_y, scale_y, m_xx, m_xy, m_yy, h, center, normalize,
-      need_student, need_teacher, backend):
+def _(
+    grad,
+    student,
+    teacher,
+    mask,
+    mu_x,
+    scale_x,
+    mu_y,
+    scale_y,
+    m_xx,
+    m_xy,
+    m_yy,
+    h,
+    center,
+    normalize,
+    need_student,
+    need_teacher,
+    backend,
+):
     return _fake_grads(student, teacher, need_student, need_teacher)
 
 
@@ -140,16 +173,47 @@ def _(student, teacher, mask, unbiased, backend):
 
 
 @torch.library.custom_op("kd_kernels::cka_bwd", mutates_args=())
-def cka_bwd(grad: Tensor, student: Tensor, teacher: Tensor, mask: Tensor | None, mu_x: Tensor, scale_x: Tensor,
-            mu_y: Tensor, scale_y: Tensor, m_xx: Tensor, m_xy: Tensor, m_yy: Tensor, h: Tensor, unbiased: bool,
-            need_student: bool, need_teacher: bool, backend: str) -> tuple[Tensor, Tensor]:
+def cka_bwd(
+    grad: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    mu_x: Tensor,
+    scale_x: Tensor,
+    mu_y: Tensor,
+    scale_y: Tensor,
+    m_xx: Tensor,
+    m_xy: Tensor,
+    m_yy: Tensor,
+    h: Tensor,
+    unbiased: bool,
+    need_student: bool,
+    need_teacher: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     saved = (mu_x, scale_x, mu_y, scale_y, m_xx, m_xy, m_yy, h)
     return _impl("cka", "bwd", backend)(grad, student, teacher, mask, saved, unbiased, need_student, need_teacher)
 
 
 @cka_bwd.register_fake
-def _(grad, student, teacher, mask, mu_x, scale_x, mu_y, scale_y, m_xx, m_xy, m_yy, h, unbiased,
-      need_student, need_teacher, backend):
+def _(
+    grad,
+    student,
+    teacher,
+    mask,
+    mu_x,
+    scale_x,
+    mu_y,
+    scale_y,
+    m_xx,
+    m_xy,
+    m_yy,
+    h,
+    unbiased,
+    need_student,
+    need_teacher,
+    backend,
+):
     return _fake_grads(student, teacher, need_student, need_teacher)
 
 
@@ -171,16 +235,31 @@ def _(student, teacher, mask, backend):
 
 
 @torch.library.custom_op("kd_kernels::relation_bwd", mutates_args=())
-def relation_bwd(grad: Tensor, student: Tensor, teacher: Tensor, mask: Tensor | None, mu_x: Tensor,
-                 scale_x: Tensor, mu_y: Tensor, scale_y: Tensor, m_xx: Tensor, m_xy: Tensor, m_yy: Tensor, h: Tensor,
-                 need_student: bool, need_teacher: bool, backend: str) -> tuple[Tensor, Tensor]:
+def relation_bwd(
+    grad: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    mu_x: Tensor,
+    scale_x: Tensor,
+    mu_y: Tensor,
+    scale_y: Tensor,
+    m_xx: Tensor,
+    m_xy: Tensor,
+    m_yy: Tensor,
+    h: Tensor,
+    need_student: bool,
+    need_teacher: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     saved = (mu_x, scale_x, mu_y, scale_y, m_xx, m_xy, m_yy, h)
     return _impl("relation", "bwd", backend)(grad, student, teacher, mask, saved, need_student, need_teacher)
 
 
 @relation_bwd.register_fake
-def _(grad, student, teacher, mask, mu_x, scale_x, mu_y, scale_y, m_xx, m_xy, m_yy, h, need_student, need_teacher,
-      backend):
+def _(
+    grad, student, teacher, mask, mu_x, scale_x, mu_y, scale_y, m_xx, m_xy, m_yy, h, need_student, need_teacher, backend
+):
     return _fake_grads(student, teacher, need_student, need_teacher)
 
 
@@ -191,8 +270,9 @@ relation_fwd.register_autograd(_make_backward(relation_bwd), setup_context=_setu
 
 
 @torch.library.custom_op("kd_kernels::procrustes_fwd", mutates_args=())
-def procrustes_fwd(student: Tensor, teacher: Tensor, mask: Tensor | None, center: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def procrustes_fwd(
+    student: Tensor, teacher: Tensor, mask: Tensor | None, center: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     loss, saved = _impl("procrustes", "fwd", backend)(student, teacher, mask, center)
     return (loss, *saved)
 
@@ -207,9 +287,21 @@ def _(student, teacher, mask, center, backend):
 
 
 @torch.library.custom_op("kd_kernels::procrustes_bwd", mutates_args=())
-def procrustes_bwd(grad: Tensor, student: Tensor, teacher: Tensor, mask: Tensor | None, mu_x: Tensor,
-                   scale_x: Tensor, mu_y: Tensor, scale_y: Tensor, polar: Tensor, center: bool, need_student: bool,
-                   need_teacher: bool, backend: str) -> tuple[Tensor, Tensor]:
+def procrustes_bwd(
+    grad: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    mu_x: Tensor,
+    scale_x: Tensor,
+    mu_y: Tensor,
+    scale_y: Tensor,
+    polar: Tensor,
+    center: bool,
+    need_student: bool,
+    need_teacher: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
     saved = (mu_x, scale_x, mu_y, scale_y, polar)
     return _impl("procrustes", "bwd", backend)(grad, student, teacher, mask, saved, center, need_student, need_teacher)
 

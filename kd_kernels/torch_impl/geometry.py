@@ -175,7 +175,7 @@ def _hsic1_terms(xb, yb, n):
 def _hsic1_row_scale(a, b, c1, c2, r_self, r_other, s_self, s_other):
     """The row scaling [B, N, 1] that the unbiased HSIC terms add to ∂ℓ/∂X̄ (a = ∂ℓ/∂h_xx, b = ∂ℓ/∂h_xy)."""
     a, b, c1 = a[:, None], b[:, None], c1[:, None]
-    col = (4 * a * c2[:, None] * s_self[:, None] + 2 * b * c2[:, None] * s_other[:, None])
+    col = 4 * a * c2[:, None] * s_self[:, None] + 2 * b * c2[:, None] * s_other[:, None]
     return (col - c1 * (4 * a * r_self + 2 * b * r_other))[..., None]
 
 
@@ -272,31 +272,54 @@ def gram_forward(student, teacher, mask, center: bool, normalize: bool, form: st
     return _geometry_forward("gram", student, teacher, mask, center, FROB if normalize else NONE, False, form)
 
 
-def gram_backward(grad, student, teacher, mask, saved: Saved, center: bool, normalize: bool,
-                  need_student: bool, need_teacher: bool, form: str | None = None):
+def gram_backward(
+    grad,
+    student,
+    teacher,
+    mask,
+    saved: Saved,
+    center: bool,
+    normalize: bool,
+    need_student: bool,
+    need_teacher: bool,
+    form: str | None = None,
+):
     norm = FROB if normalize else NONE
-    return _geometry_backward("gram", grad, student, teacher, mask, saved, center, norm, False,
-                              need_student, need_teacher, form)
+    return _geometry_backward(
+        "gram", grad, student, teacher, mask, saved, center, norm, False, need_student, need_teacher, form
+    )
 
 
 def cka_forward(student, teacher, mask, unbiased: bool, form: str | None = None):
     return _geometry_forward("cka", student, teacher, mask, *_KINDS["cka"], unbiased, form)
 
 
-def cka_backward(grad, student, teacher, mask, saved: Saved, unbiased: bool,
-                 need_student: bool, need_teacher: bool, form: str | None = None):
-    return _geometry_backward("cka", grad, student, teacher, mask, saved, *_KINDS["cka"], unbiased,
-                              need_student, need_teacher, form)
+def cka_backward(
+    grad,
+    student,
+    teacher,
+    mask,
+    saved: Saved,
+    unbiased: bool,
+    need_student: bool,
+    need_teacher: bool,
+    form: str | None = None,
+):
+    return _geometry_backward(
+        "cka", grad, student, teacher, mask, saved, *_KINDS["cka"], unbiased, need_student, need_teacher, form
+    )
 
 
 def relation_forward(student, teacher, mask, form: str | None = None):
     return _geometry_forward("relation", student, teacher, mask, *_KINDS["relation"], False, form)
 
 
-def relation_backward(grad, student, teacher, mask, saved: Saved,
-                      need_student: bool, need_teacher: bool, form: str | None = None):
-    return _geometry_backward("relation", grad, student, teacher, mask, saved, *_KINDS["relation"], False,
-                              need_student, need_teacher, form)
+def relation_backward(
+    grad, student, teacher, mask, saved: Saved, need_student: bool, need_teacher: bool, form: str | None = None
+):
+    return _geometry_backward(
+        "relation", grad, student, teacher, mask, saved, *_KINDS["relation"], False, need_student, need_teacher, form
+    )
 
 
 def procrustes_forward(student, teacher, mask, center: bool):
@@ -311,8 +334,9 @@ def procrustes_forward(student, teacher, mask, center: bool):
     return loss, (mu_x, s_x, mu_y, s_y, polar)
 
 
-def procrustes_backward(grad, student, teacher, mask, saved: Saved, center: bool,
-                        need_student: bool, need_teacher: bool):
+def procrustes_backward(
+    grad, student, teacher, mask, saved: Saved, center: bool, need_student: bool, need_teacher: bool
+):
     mu_x, s_x, mu_y, s_y, polar = saved
     x, y, w, n = _inputs(student, teacher, mask)
     xb, yb = _apply_prep(x, w, mu_x, s_x, center, FROB), _apply_prep(y, w, mu_y, s_y, center, FROB)
