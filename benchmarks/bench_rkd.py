@@ -2,8 +2,11 @@
 benchmarks/harness.py, plus the two memory targets of the PyTorch path.
 
 Providers: ``reference`` (eager upstream semantics), ``compile`` (``torch.compile`` of the
-reference; GPU only: inductor takes 10-15 s per case on the CPU machines), ``torch`` (the kd_kernels PyTorch path). Modes: fwd, bwd, fwd_bwd. Inputs are
-float32, student ``[N, D]`` and teacher ``[N, D]``.
+reference; GPU only: inductor takes 10-15 s per case on the CPU machines), ``torch`` (the
+kd_kernels PyTorch path), ``triton`` and ``cuda`` (the fused kernels; GPU only). Modes: fwd,
+bwd, fwd_bwd. Dtypes: float32 (and bfloat16 on GPU), student ``[N, D]``, teacher ``[N, D]``.
+On the GPU the shapes sweep N at D=512, D over {128, 512, 2048}, and the BENCHMARKS.md targets;
+``benchmarks/report.py`` turns the JSON into tables and time/memory-vs-N plots.
 
 Memory cases (torch path only, fwd_bwd, one timed round; skipped by --bench-quick because they
 take minutes on the CPU machines): ``test_rkd_angle_memory`` (N=1024, D=2048, peak < 2048 MB;
@@ -22,40 +25,58 @@ import pytest
 import torch
 from harness import run_case
 
+from kd_kernels import available_backends, build_info
 from kd_kernels.losses.rkd import rkd_angle_loss, rkd_distance_loss
 from kd_kernels.reference import rkd as reference
 from kd_kernels.torch_impl import rkd as torch_impl
 
-PROVIDERS = ("reference", "compile", "torch")
+PROVIDERS = ("reference", "compile", "torch", "triton", "cuda")
 MODES = ("fwd", "bwd", "fwd_bwd")
+DTYPES = ("float32", "bfloat16")
 
-# (N, D): small CPU shapes; on CUDA a mid size and the BENCHMARKS.md targets.
-DISTANCE_SHAPES = {"cpu": [(256, 128), (1024, 512)], "cuda": [(1024, 512), (4096, 2048)]}
-ANGLE_SHAPES = {"cpu": [(32, 64), (128, 256)], "cuda": [(256, 512), (1024, 2048)]}
+# (N, D): small CPU shapes; on CUDA an N sweep at D=512 plus the D range and the
+# BENCHMARKS.md targets (distance N=4096, D=2048 and N=65536, D=1024; angle N=1024, D=2048,
+# N=4096). Providers that would not fit skip themselves with the predicted figure.
+DISTANCE_SHAPES = {
+    "cpu": [(256, 128), (1024, 512)],
+    "cuda": [(n, 512) for n in (128, 512, 1024, 2048, 4096, 8192, 16384)] + [(4096, 128), (4096, 2048), (65536, 1024)],
+}
+ANGLE_SHAPES = {
+    "cpu": [(32, 64), (128, 256)],
+    "cuda": [(n, 512) for n in (128, 256, 512, 1024, 2048, 4096)] + [(1024, 128), (1024, 2048)],
+}
 ANGLE_MEMORY = (1024, 2048, 2048)  # N, D, peak limit in MB
 DISTANCE_MEMORY = (16384, 512, 1536)
 
 
-def _select(shapes: dict, idx: int, bench_device: str, bench_quick: bool, provider: str):
+def _select(shapes: dict, idx: int, bench_device: str, bench_quick: bool, provider: str, dtype: str):
     kind = "cuda" if bench_device.startswith("cuda") else "cpu"
+    if idx >= len(shapes[kind]):
+        pytest.skip(f"{kind} has {len(shapes[kind])} shapes")
     if bench_quick and idx > 0:
         pytest.skip("--bench-quick runs only the smallest shape")
     if provider == "compile" and kind == "cpu":
         pytest.skip("torch.compile(reference) takes 10-15 s per case to compile on CPU; GPU only")
+    if provider in ("triton", "cuda") and kind == "cpu":
+        pytest.skip(f"{provider} kernels are timed on a GPU only (the Triton interpreter's timings mean nothing)")
+    if dtype != "float32" and kind == "cpu":
+        pytest.skip("low-precision cases are GPU only")
+    if provider in ("triton", "cuda") and provider not in available_backends(bench_device):
+        pytest.skip(f"backend {provider!r} is not available here: {build_info()['extension_error']}")
     return shapes[kind][idx]
 
 
 def _provider_fn(provider: str, ours, ref):
-    if provider == "torch":
-        return lambda s, t: ours(s, t, backend="torch")
+    if provider in ("torch", "triton", "cuda"):
+        return lambda s, t: ours(s, t, backend=provider)
     if provider == "reference":
         return ref
     return torch.compile(ref)
 
 
-def _inputs(n: int, d: int, device: str):
-    s = torch.randn(n, d, device=device, requires_grad=True)
-    t = torch.randn(n, d, device=device)
+def _inputs(n: int, d: int, device: str, dtype: str = "float32"):
+    s = torch.randn(n, d, device=device, dtype=getattr(torch, dtype), requires_grad=True)
+    t = torch.randn(n, d, device=device, dtype=getattr(torch, dtype))
     return s, t
 
 
@@ -63,10 +84,12 @@ def _scale_flops(fwd: float, bwd: float, mode: str) -> float:
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
 
 
-def _distance_case(benchmark, provider, mode, n, d, device, rounds=None):
-    s, t = _inputs(n, d, device)
+def _distance_case(benchmark, provider, mode, n, d, device, rounds=None, dtype="float32"):
+    s, t = _inputs(n, d, device, dtype)
     fn = _provider_fn(provider, rkd_distance_loss, reference.rkd_distance_loss)
-    if provider == "torch":
+    if provider in ("triton", "cuda"):
+        predicted = 8 * n * d * 4  # O(N D): inputs, centred copies, gradients; no N x N buffer
+    elif provider == "torch":
         # ~12 live [rows, N] fp32 blocks plus inputs, centred copies and gradient accumulators
         predicted = 12 * torch_impl._DIST_BLOCK_ELEMS * 4 + 8 * n * d * 4
     else:
@@ -83,17 +106,19 @@ def _distance_case(benchmark, provider, mode, n, d, device, rounds=None):
         inputs=[s],
         device=device,
         shape={"N": n, "Ds": d, "Dt": d},
-        dtype=torch.float32,
+        dtype=getattr(torch, dtype),
         flops=flops,
         predicted_bytes=predicted,
         rounds=rounds,
     )
 
 
-def _angle_case(benchmark, provider, mode, n, d, device, rounds=None):
-    s, t = _inputs(n, d, device)
+def _angle_case(benchmark, provider, mode, n, d, device, rounds=None, dtype="float32"):
+    s, t = _inputs(n, d, device, dtype)
     fn = _provider_fn(provider, rkd_angle_loss, reference.rkd_angle_loss)
-    if provider == "torch":
+    if provider in ("triton", "cuda"):
+        predicted = 6 * n * n * 4 + 8 * n * d * 4  # a few N x N fp32 buffers (E, R, dL/dE, S)
+    elif provider == "torch":
         # G, W and masks (N x N each) plus ~6 live [chunk, N, N] fp32 buffers
         predicted = 8 * n * n * 4 + 6 * max(torch_impl._ANGLE_CHUNK_ELEMS, n * n) * 4
     else:
@@ -112,7 +137,7 @@ def _angle_case(benchmark, provider, mode, n, d, device, rounds=None):
         inputs=[s],
         device=device,
         shape={"N": n, "Ds": d, "Dt": d},
-        dtype=torch.float32,
+        dtype=getattr(torch, dtype),
         flops=flops,
         predicted_bytes=predicted,
         rounds=rounds,
@@ -121,18 +146,20 @@ def _angle_case(benchmark, provider, mode, n, d, device, rounds=None):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("idx", range(2))
-def test_rkd_distance(benchmark, bench_device, bench_quick, idx, provider, mode):
-    n, d = _select(DISTANCE_SHAPES, idx, bench_device, bench_quick, provider)
-    _distance_case(benchmark, provider, mode, n, d, bench_device)
+@pytest.mark.parametrize("idx", range(len(DISTANCE_SHAPES["cuda"])))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rkd_distance(benchmark, bench_device, bench_quick, dtype, idx, provider, mode):
+    n, d = _select(DISTANCE_SHAPES, idx, bench_device, bench_quick, provider, dtype)
+    _distance_case(benchmark, provider, mode, n, d, bench_device, dtype=dtype)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("idx", range(2))
-def test_rkd_angle(benchmark, bench_device, bench_quick, idx, provider, mode):
-    n, d = _select(ANGLE_SHAPES, idx, bench_device, bench_quick, provider)
-    _angle_case(benchmark, provider, mode, n, d, bench_device)
+@pytest.mark.parametrize("idx", range(len(ANGLE_SHAPES["cuda"])))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rkd_angle(benchmark, bench_device, bench_quick, dtype, idx, provider, mode):
+    n, d = _select(ANGLE_SHAPES, idx, bench_device, bench_quick, provider, dtype)
+    _angle_case(benchmark, provider, mode, n, d, bench_device, dtype=dtype)
 
 
 def _memory_case(case, benchmark, bench_device, bench_quick, shape):
