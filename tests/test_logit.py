@@ -511,3 +511,56 @@ def test_bad_input(name, case):
 def test_bad_scalars(name, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         getattr(KF, name)(torch.randn(4, 6), torch.randn(4, 6), **kwargs)
+
+
+def test_kd_cuda_adapter_with_an_emulated_kernel(monkeypatch):
+    """The backend="cuda" wiring of kd_loss (ops/logit.py: dtype handling, ignore_mask, the
+    teacher's gradient from the PyTorch path) checked on the CPU: the C++ ops
+    kd_fwd_cuda / kd_bwd_cuda get a temporary CPU implementation that computes their documented
+    contract in float64, and the public function must then match the float64 reference."""
+    import kd_kernels.losses.logit as logit_losses
+    import kd_kernels.ops.cuda_defs  # noqa: F401  (the schemas)
+    from kd_kernels.reference.logit import kd_loss as kd_loss_ref
+
+    def fwd(student, teacher, temperature):
+        ls = torch.log_softmax(student.double() / temperature, 1)
+        lt = torch.log_softmax(teacher.double() / temperature, 1)
+        rows = temperature**2 * (lt.exp() * (lt - ls)).sum(1)
+        stat = torch.float64 if student.dtype == torch.float64 else torch.float32
+        lse = (torch.logsumexp(student.double() / temperature, 1), torch.logsumexp(teacher.double() / temperature, 1))
+        return rows.to(stat), lse[0].to(stat), lse[1].to(stat)
+
+    def bwd(grad_row, student, teacher, lse_s, lse_t, temperature):
+        q = torch.exp(student.double() / temperature - lse_s.double()[:, None])
+        p = torch.exp(teacher.double() / temperature - lse_t.double()[:, None])
+        return (grad_row.double()[:, None] * temperature * (q - p)).to(student.dtype)
+
+    lib = torch.library.Library("kd_kernels", "IMPL")
+    try:
+        lib.impl("kd_fwd_cuda", fwd, "CPU")
+        lib.impl("kd_bwd_cuda", bwd, "CPU")
+        monkeypatch.setattr(logit_losses, "resolve_backend", lambda backend, *a, **k: backend)
+        n, c = 9, 23
+        s = torch.randn(n, c) * 2
+        t = (torch.randn(n, c) * 2).requires_grad_(True)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[[1, 4]] = True
+        for reduction in ("batchmean", "sum", "none"):
+            g = torch.rand(n) if reduction == "none" else torch.tensor(0.37)
+            assert_matches_reference(
+                lambda a, b, **kw: KF.kd_loss(a, b, backend="cuda", **kw),
+                kd_loss_ref,
+                s,
+                t,
+                grad_output=g,
+                reduction=reduction,
+                ignore_mask=mask,
+                temperature=3.0,
+            )
+        # ignored rows holding NaN logits must not leak into the loss or the gradient
+        s_nan = s.clone()
+        s_nan[1] = float("nan")
+        v, gs, _ = value_and_grads(lambda a, b: KF.kd_loss(a, b, backend="cuda", ignore_mask=mask), s_nan, t.detach())
+        assert torch.isfinite(v) and torch.isfinite(gs).all() and (gs[1] == 0).all()
+    finally:
+        lib._destroy()
