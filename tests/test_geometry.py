@@ -412,3 +412,31 @@ def test_bad_flags():
         kd_kernels.gram_loss(s[:1], t[:1])
     with pytest.raises(TypeError):
         kd_kernels.gram_loss(s, t, True)  # flags are keyword-only
+
+
+def test_procrustes_ill_conditioned_fp32_gradient():
+    # Regression: the polar factor used to drop singular values below σ_max·max(Ds, Dt)·eps
+    # (~8e-6 σ_max here). Singular values of X̄ᵀȲ spread over 1 … 1e-5 are still resolved by a
+    # float32 SVD, and each dropped one removed an O(1) term −2Ȳv_k u_kᵀ from the gradient (~16%
+    # relative error, vs ~6e-4 for the float32 reference).
+    n, d = 400, 64
+    y = torch.randn(n, d, dtype=torch.float64)
+    u = torch.linalg.svd(y - y.mean(0), full_matrices=False)[0]
+    rot = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))[0]
+    x = u @ torch.diag(torch.logspace(0, -5, d, dtype=torch.float64)) @ rot  # decaying spectrum
+    t = y.requires_grad_()
+    got = value_and_grads(kd_kernels.procrustes_loss, x.float(), t.float().detach().requires_grad_())
+    want = value_and_grads(R.procrustes_loss, x, t)
+    for g, w in zip(got[1:], want[1:]):
+        assert (g.double() - w).norm() < 1e-2 * w.norm()
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_nonbinary_mask_keeps_nonzero_rows(case):
+    # Regression: a mask was used as row WEIGHTS (a 2 doubled the row and counted twice), while
+    # the reference, the logit losses and the docs treat it as keep/drop (nonzero = keep).
+    fn, ref, kw = case
+    s, t = _pair("dd")
+    mask = torch.tensor([1, 0, 2, 1, 1, 0, 3, 1, 1, 0, 1, 5, 1])
+    assert_matches_reference(fn, ref, s, t, mask=mask, **kw)
+    assert_close(fn(s, t, mask=mask.float() / 2, **kw), fn(s, t, mask=mask != 0, **kw))

@@ -190,6 +190,28 @@ def test_sinkhorn_marginals(dtype, batched_marginals):
     check_ot(cost.detach(), a.detach(), b.requires_grad_(True), epsilon=0.2, n_iters=3, **tol)  # b grad only
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_sinkhorn_zero_marginal_entries(dtype):
+    # Regression: a zero-mass row or column (e.g. padding) made the whole cost gradient NaN
+    # ((-inf) - log 0 in the backward), where autograd through the reference loop is finite.
+    cost = torch.rand(3, 4, 5, dtype=dtype).requires_grad_(True)
+    a = torch.tensor([0.0, 0.4, 0.3, 0.3], dtype=dtype).requires_grad_(True)
+    b = marginals((3, 5), dtype)
+    b[0, 2], b[1, 0] = 0.0, 0.0
+    b.requires_grad_(True)
+    g = torch.randn(cost.shape, dtype=F64)
+    v, grads = ot_value_and_grads(sinkhorn, cost, a, b, g, epsilon=0.2, n_iters=8)
+    rv, rgrads = ot_value_and_grads(ref_ot, cost, a, b, g, dtype=F64, epsilon=0.2, n_iters=8)
+    tol = {} if dtype == F64 else {"rtol": 1e-4, "atol": 1e-5}
+    assert_close(v, rv, **tol, name="plan")
+    assert torch.isfinite(grads[0]).all()
+    assert_close(grads[0], rgrads[0], **tol, name="grad cost")
+    for x, y, name in ((grads[1], rgrads[1], "a"), (grads[2], rgrads[2], "b")):
+        keep = torch.isfinite(y)  # NaN exactly at the zero entries (0 / 0), as the reference
+        assert torch.equal(torch.isfinite(x), keep)
+        assert_close(x[keep], y[keep], **tol, name=f"grad {name}")
+
+
 def test_sinkhorn_column_marginals_exact():
     # After the final g-update, column sums are exactly b (up to rounding); rows approach a.
     cost = torch.rand(4, 8, 9, dtype=F64)

@@ -137,9 +137,11 @@ def sinkhorn(
         epsilon: entropic regularisation (> 0), in the units of ``cost``. Default 0.1.
         n_iters: number of (f, g) update pairs (int >= 1). Default 100.
         a: source marginals ``[n]`` (shared by the batch) or ``[B, n]``; uniform ``1/n``
-            when None. Must be strictly positive (not checked: that would need a host sync;
-            a zero gives NaN). Used as given, NOT normalised: give ``a`` and ``b`` the same
-            total mass for a balanced problem.
+            when None. Must be >= 0 (not checked: that would need a host sync; a negative
+            entry gives NaN). A zero entry (e.g. a padding point) gets no mass, the gradient
+            w.r.t. ``cost`` stays finite, and the gradient w.r.t. that zero entry is NaN (as
+            autograd through the loop gives). Used as given, NOT normalised: give ``a`` and
+            ``b`` the same total mass for a balanced problem.
         b: target marginals ``[m]`` or ``[B, m]``; uniform ``1/m`` when None. Same rules.
         backend: ``"auto" | "cuda" | "triton" | "torch"``; only ``"torch"`` exists yet.
 

@@ -46,6 +46,8 @@ _EPS = 1e-12
 # Distance row block: B = 2^23 // N rows, so each [B, N] fp32 temporary is 32 MB and the ~10
 # live ones stay well inside the 1.5 GB budget at N = 16384 while the GEMMs stay large.
 _DIST_BLOCK_ELEMS = 1 << 23
+# Angle: |x_b - x_a|² below this many ulps of |x̃_a|² + |x̃_b|² is rounding noise of the Gram route.
+_GRAM_FLOOR = 8
 # Angle anchor chunk: B = 2^24 // N² anchors, 64 MB per [B, N, N] fp32 temporary (~5 live).
 _ANGLE_CHUNK_ELEMS = 1 << 24
 # row_keys: arithmetic modulo the Mersenne prime 2^31 - 1; 16-bit pieces times 31-bit weights
@@ -194,8 +196,9 @@ def rkd_distance_bwd(
     c_s = student.new_zeros((), dtype=dtype)
     c_t = student.new_zeros((), dtype=dtype)
     # lap_*[0] accumulates Lap(h'Γ/d) X̃, lap_*[1] accumulates Lap(1/d) X̃ (see the math above).
-    lap_s = [torch.zeros_like(s[0]), torch.zeros_like(s[0])] if need_student else None
-    lap_t = [torch.zeros_like(t[0]), torch.zeros_like(t[0])] if need_teacher else None
+    # contiguous, as the op's fake declares (zeros_like would copy a transposed input's strides)
+    lap_s = [s[0].new_zeros(s[0].shape) for _ in range(2)] if need_student else None
+    lap_t = [t[0].new_zeros(t[0].shape) for _ in range(2)] if need_teacher else None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         ds, act_s = _dist_block(*s, r0, r1)
@@ -229,11 +232,14 @@ def rkd_distance_bwd(
 #
 # Forward.  G = X̃X̃ᵀ.  For anchor a: C[b, c] = G_bc - G_ab - G_ac + G_aa = <x_b - x_a, x_c - x_a>,
 #   n_b = sqrt(max(C[b, b], 0)) = |x_b - x_a|, r_b = max(n_b, 1e-12) (F.normalize),
-#   v_b = 0 if rows a and b are identical (equal keys; includes b = a) else 1/r_b,
+#   v_b = 0 if rows a and b are identical (equal keys; includes b = a) or if C[b, b] is within
+#   the Gram route's rounding (<= 8 ulp (G_aa + G_bb): unresolved, treated as identical) else 1/r_b,
 #   ψ[b, c] = C[b, c] v_b v_c (= 0 on degenerate triples, as the reference's normalize of a
-#   zero vector).  ℓ_a = Σ_bc h(ψˢ[b, c] - ψᵗ[b, c]).  "none": ℓ / N²; "sum": Σ ℓ; "mean": Σ ℓ / N³.
+#   zero vector), clamped to [-1, 1] (Cauchy-Schwarz; the reference's explicit differences
+#   respect it, but in fp32 the Gram route's rounding makes ψ of distinct, nearly coincident
+#   rows arbitrarily large, e.g. 1e5, without the clamp).  ℓ_a = Σ_bc h(ψˢ[b, c] - ψᵗ[b, c]).  "none": ℓ / N²; "sum": Σ ℓ; "mean": Σ ℓ / N³.
 # Backward (student; anchors in chunks).  U[b, c] = h'(ψˢ - ψᵗ) γ_a (γ_a = grad/N³, grad, or
-#   grad[a]/N²).  ψ[b, c] depends on C[b, c] and, through the norms, on C[b, b] and C[c, c]:
+#   grad[a]/N²), zeroed where the clamp of ψ was active (torch.clamp's gradient).  ψ[b, c] depends on C[b, c] and, through the norms, on C[b, b] and C[c, c]:
 #   P[b, c] = ∂L/∂C[b, c] = U[b, c] v_b v_c,
 #   P[b, b] -= Σ_c U[b, c] ψ[b, c] / n_b²   (norm path; 0 where n_b < 1e-12 or b is degenerate;
 #                                          U and ψ are symmetric, so both index paths are equal).
@@ -258,8 +264,10 @@ def _psi_chunk(g: torch.Tensor, distinct: torch.Tensor, a0: int, a1: int):
     forming C and scaling it (fewer passes over the [B, N, N] chunk)."""
     ga = g[a0:a1]
     gaa = g.diagonal()[a0:a1, None]
-    norm = (g.diagonal()[None, :] - 2 * ga + gaa).clamp_min_(0).sqrt_()  # |x_b - x_a|
-    ok = distinct[a0:a1]
+    norm2 = g.diagonal()[None, :] - 2 * ga + gaa  # |x_b - x_a|²
+    # below the Gram route's rounding floor the difference is unresolved: treat it as zero
+    ok = distinct[a0:a1] & (norm2 > _GRAM_FLOOR * torch.finfo(g.dtype).eps * (g.diagonal()[None, :] + gaa))
+    norm = norm2.clamp_min_(0).sqrt_()
     v = torch.where(ok, norm.clamp_min(_EPS).reciprocal(), 0)
     w2 = torch.where(ok & (norm >= _EPS), v * v, 0)
     w = v * (ga - gaa / 2)
@@ -286,7 +294,7 @@ def rkd_angle_fwd(
     per_anchor = student.new_empty(n, dtype=dtype)
     for a0 in range(0, n, step):
         a1 = min(n, a0 + step)
-        ps, pt = _psi_chunk(gs, ok_s, a0, a1)[0], _psi_chunk(gt, ok_t, a0, a1)[0]
+        ps, pt = _psi_chunk(gs, ok_s, a0, a1)[0].clamp_(-1, 1), _psi_chunk(gt, ok_t, a0, a1)[0].clamp_(-1, 1)
         per_anchor[a0:a1] = F.smooth_l1_loss(ps, pt, reduction="none").sum((1, 2))
     if reduction == "none":
         out = per_anchor / (n * n)
@@ -337,11 +345,12 @@ def rkd_angle_bwd(
         a1 = min(n, a0 + step)
         ps, vs, w2s = _psi_chunk(gs, ok_s, a0, a1)
         pt, vt, w2t = _psi_chunk(gt, ok_t, a0, a1)
-        u = (ps - pt).clamp_(-1, 1).mul_(scale[a0:a1, None, None])
+        live_s, live_t = ps.abs() <= 1, pt.abs() <= 1  # where the clamp of ψ passes a gradient
+        u = (ps.clamp_(-1, 1) - pt.clamp_(-1, 1)).clamp_(-1, 1).mul_(scale[a0:a1, None, None])
         if w_s is not None:
-            _accumulate_w(w_s, u, ps, vs, w2s, a0, a1)
+            _accumulate_w(w_s, u * live_s, ps, vs, w2s, a0, a1)
         if w_t is not None:
-            _accumulate_w(w_t, u, pt, vt, w2t, a0, a1)  # sign applied below
+            _accumulate_w(w_t, u * live_t, pt, vt, w2t, a0, a1)  # sign applied below
     grad_s = ((w_s + w_s.T) @ xs).to(student.dtype) if w_s is not None else None
     grad_t = (-((w_t + w_t.T) @ xt)).to(teacher.dtype) if w_t is not None else None
     return grad_s, grad_t

@@ -193,6 +193,15 @@ def sinkhorn_fwd(
     return plan.to(cost.dtype), alphas, betas
 
 
+def _minus_log(potential: torch.Tensor, log_marginal: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
+    """potential - log(marginal) = -LSE(...), finite; -inf (not (-inf) - (-inf) = NaN) where the marginal is 0.
+
+    A zero-mass row (column) has potential -inf and a zero adjoint in every step, so its
+    softmax term must be exactly 0: the -inf gives that, and keeps NaN out of the cost gradient.
+    """
+    return torch.where(marginal > 0, potential - log_marginal, float("-inf"))
+
+
 def sinkhorn_bwd(
     grad: torch.Tensor,
     cost: torch.Tensor,
@@ -220,7 +229,8 @@ def sinkhorn_bwd(
     g_log_b = torch.zeros_like(bbar)
     for k in range(n_iters - 1, -1, -1):
         # beta_k = log b - LSE_i(M + alpha_k)
-        q = torch.exp(neg + alphas[k][:, :, None] + (betas[k] - log_b)[:, None, :]).mul_(bbar[:, None, :])
+        shift = _minus_log(betas[k], log_b, b_c)
+        q = torch.exp(neg + alphas[k][:, :, None] + shift[:, None, :]).mul_(bbar[:, None, :])
         abar = -q.sum(2)
         if k == n_iters - 1:
             abar += abar_out
@@ -228,7 +238,8 @@ def sinkhorn_bwd(
         g_log_b += bbar
         # alpha_k = log a - LSE_j(M + beta_{k-1}), beta_{-1} = 0
         beta_prev = betas[k - 1] if k > 0 else torch.zeros_like(bbar)
-        q = torch.exp(neg + (alphas[k] - log_a)[:, :, None] + beta_prev[:, None, :]).mul_(abar[:, :, None])
+        shift = _minus_log(alphas[k], log_a, a_c)
+        q = torch.exp(neg + shift[:, :, None] + beta_prev[:, None, :]).mul_(abar[:, :, None])
         bbar = -q.sum(1)
         g_neg -= q
         g_log_a += abar

@@ -58,6 +58,8 @@ __all__ = [
 # The reference's clamp on squared distances (lenscloth/RKD pdist eps) and F.normalize's eps
 # on norms (angle loss).
 _CLAMP = 1e-12
+# Angle: E_ij below 8 ulp of fp32 times |x_i|^2 + |x_j|^2 is rounding noise (as torch_impl.rkd).
+_GRAM_FLOOR = 8 * 2.0**-23
 
 # Pairwise tiles: 64x64 keeps a fp32 Gram tile at 32 registers per thread with 4 warps on
 # GPU; 32 under the interpreter, whose cost grows with the tile area per op.
@@ -393,19 +395,22 @@ def _rkd_distance_bwd_kernel(
 # RKD angle
 # ---------------------------------------------------------------------------------------------
 # E buffer (_rkd_sqdist_kernel): E_ij of the centred rows for distinct rows, -1 for identical
-# rows and the diagonal (a sentinel: "difference vector exactly zero").
-# For anchor a, with e+ = max(E, 0):
+# rows and the diagonal (a sentinel: "difference vector exactly zero"), and also -1 where E_ij
+# <= 8 ulp(fp32) (|x_i|^2 + |x_j|^2): below the Gram route's rounding the difference is
+# unresolved (psi there would be noise of any size, e.g. 1e5), so it is treated as zero, as in
+# torch_impl.rkd.  For anchor a, with e+ = max(E, 0):
 #   C_a[b,c] = <x_b - x_a, x_c - x_a> = (e+_ab + e+_ac - e+_bc) / 2
 #   v_ab     = 1 / max(sqrt(E_ab), 1e-12) if E_ab >= 0 else 0   (F.normalize, eps 1e-12; a zero
 #              difference vector normalises to 0)
-#   psi_abc  = C_a[b,c] v_ab v_ac
+#   psi_abc  = C_a[b,c] v_ab v_ac, clamped to [-1, 1] (Cauchy-Schwarz; no gradient where clamped)
 # loss = mean over all N^3 triples of h(psi^s - psi^t) ("none": [N] mean over (b, c) per a).
 @triton.jit
 def _rkd_sqdist_kernel(
     x_ptr,  # [N, D] features
     mean_ptr,  # [D] fp32 column mean of x
     keys_ptr,  # [N] int64 row keys of x
-    e_ptr,  # [N, N] fp32 out: E_ij (distinct rows) or -1 (identical rows, diagonal)
+    sq_ptr,  # [N] fp32 |x_i - mean|^2
+    e_ptr,  # [N, N] fp32 out: E_ij (distinct rows) or -1 (identical or unresolved rows, diagonal)
     N,  # rows
     D,  # width
     stride_n,  # row stride of x
@@ -413,6 +418,7 @@ def _rkd_sqdist_kernel(
     BLOCK_M: tl.constexpr,  # tile rows
     BLOCK_N: tl.constexpr,  # tile columns
     BLOCK_K: tl.constexpr,  # D chunk
+    FLOOR: tl.constexpr,  # rounding floor of E relative to |x_i|^2 + |x_j|^2 (8 ulp of fp32)
 ):
     offs_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -420,17 +426,22 @@ def _rkd_sqdist_kernel(
         x_ptr, mean_ptr, keys_ptr, stride_n, stride_d, N, D, offs_i, offs_j, BLOCK_M, BLOCK_N, BLOCK_K
     )
     mask = (offs_i[:, None] < N) & (offs_j[None, :] < N)
-    tl.store(e_ptr + offs_i.to(tl.int64)[:, None] * N + offs_j[None, :], tl.where(distinct, e, -1.0), mask=mask)
+    sq_i = tl.load(sq_ptr + offs_i, mask=offs_i < N, other=0.0)
+    sq_j = tl.load(sq_ptr + offs_j, mask=offs_j < N, other=0.0)
+    resolved = distinct & (e > FLOOR * (sq_i[:, None] + sq_j[None, :]))
+    tl.store(e_ptr + offs_i.to(tl.int64)[:, None] * N + offs_j[None, :], tl.where(resolved, e, -1.0), mask=mask)
 
 
 @triton.jit
 def _psi_tile(e_ab, e_ac, e_bc, EPS: tl.constexpr):
     # e_ab: [BLOCK_B] E[a, b]; e_ac: [BLOCK_C] E[a, c]; e_bc: [BLOCK_B, BLOCK_C] E[b, c]
-    # (sentinel -1 for zero differences). Returns psi, v_ab [BLOCK_B], v_ac [BLOCK_C].
+    # (sentinel -1 for zero differences). Returns psi clamped to [-1, 1], v_ab [BLOCK_B],
+    # v_ac [BLOCK_C], and the mask where the clamp passes a gradient.
     v_b = tl.where(e_ab >= 0.0, 1.0 / tl.maximum(tl.sqrt_rn(tl.maximum(e_ab, 0.0)), EPS), 0.0)
     v_c = tl.where(e_ac >= 0.0, 1.0 / tl.maximum(tl.sqrt_rn(tl.maximum(e_ac, 0.0)), EPS), 0.0)
     c = 0.5 * (tl.maximum(e_ab, 0.0)[:, None] + tl.maximum(e_ac, 0.0)[None, :] - tl.maximum(e_bc, 0.0))
-    return c * v_b[:, None] * v_c[None, :], v_b, v_c
+    psi = c * v_b[:, None] * v_c[None, :]
+    return tl.minimum(tl.maximum(psi, -1.0), 1.0), v_b, v_c, tl.abs(psi) <= 1.0
 
 
 @triton.jit
@@ -461,8 +472,8 @@ def _rkd_angle_fwd_kernel(
         et_ac = tl.load(et_ptr + row_a + offs_c, mask=in_c, other=-1.0)
         es_bc = tl.load(es_ptr + row_b[:, None] + offs_c[None, :], mask=m, other=0.0)
         et_bc = tl.load(et_ptr + row_b[:, None] + offs_c[None, :], mask=m, other=0.0)
-        psi_s, _, _ = _psi_tile(es_ab, es_ac, es_bc, EPS)
-        psi_t, _, _ = _psi_tile(et_ab, et_ac, et_bc, EPS)
+        psi_s, _, _, _ = _psi_tile(es_ab, es_ac, es_bc, EPS)
+        psi_t, _, _, _ = _psi_tile(et_ab, et_ac, et_bc, EPS)
         acc += _smooth_l1(psi_s - psi_t)
     tl.store(partial_ptr + a.to(tl.int64) * tl.num_programs(1) + pid_b, tl.sum(tl.sum(acc, axis=1), axis=0))
 
@@ -522,13 +533,17 @@ def _rkd_angle_bwd_kernel(
         et_ab = tl.load(et_ptr + row_a + offs_b, mask=in_b, other=-1.0)
         es_ac = tl.load(es_ptr + row_a + offs_c, mask=in_c, other=-1.0)
         et_ac = tl.load(et_ptr + row_a + offs_c, mask=in_c, other=-1.0)
-        psi_s, vs_b, vs_c = _psi_tile(es_ab, es_ac, es_bc, EPS)
-        psi_t, vt_b, vt_c = _psi_tile(et_ab, et_ac, et_bc, EPS)
+        psi_s, vs_b, vs_c, live_s = _psi_tile(es_ab, es_ac, es_bc, EPS)
+        psi_t, vt_b, vt_c, live_t = _psi_tile(et_ab, et_ac, et_bc, EPS)
         u = tl.load(w_ptr + a) * tl.minimum(tl.maximum(psi_s - psi_t, -1.0), 1.0)
         if NEED_S:
-            zs = _angle_side_update(zs_ptr + row_a + offs_b, zs, u, psi_s, vs_b, vs_c, es_ab, in_b, EPS)
+            zs = _angle_side_update(
+                zs_ptr + row_a + offs_b, zs, tl.where(live_s, u, 0.0), psi_s, vs_b, vs_c, es_ab, in_b, EPS
+            )
         if NEED_T:
-            zt = _angle_side_update(zt_ptr + row_a + offs_b, zt, -u, psi_t, vt_b, vt_c, et_ab, in_b, EPS)
+            zt = _angle_side_update(
+                zt_ptr + row_a + offs_b, zt, tl.where(live_t, -u, 0.0), psi_t, vt_b, vt_c, et_ab, in_b, EPS
+            )
     if NEED_S:
         tl.atomic_add(zs_ptr + pair, zs, mask=m)
     if NEED_T:
@@ -644,7 +659,9 @@ def rkd_distance_bwd_triton(
         *ptrs, mu, *gargs, partial, *sizes, GRAD_IS_MATRIX=is_matrix, CLAMP=_CLAMP, **_TILE_KW
     )
     # c_s = (1/M) sum g d^s; the teacher's g has the opposite sign, so c_t = -(1/M) sum g d^t
-    c = partial.sum(dim=0) / float(n * (n - 1)) * torch.tensor([1.0, -1.0], device=student.device)
+    # (negated on the device: a torch.tensor([1, -1], device=...) factor is a blocking host copy)
+    c = partial.sum(dim=0) / float(n * (n - 1))
+    c = torch.stack((c[0], -c[1]))
 
     def side_grad(x, y, x_side, y_side, mu_xy, c_x, sign):
         dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
@@ -665,8 +682,11 @@ def _angle_e(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor
     out = []
     for x in (student, teacher):
         mean, keys = _side(x)
+        sq = (x.to(torch.float32) - mean).square().sum(dim=1)
         e = torch.empty(n, n, device=x.device, dtype=torch.float32)
-        _rkd_sqdist_kernel[_pair_grid(n)](x, mean, keys, e, n, x.shape[1], x.stride(0), x.stride(1), **_TILE_KW)
+        _rkd_sqdist_kernel[_pair_grid(n)](
+            x, mean, keys, sq, e, n, x.shape[1], x.stride(0), x.stride(1), FLOOR=_GRAM_FLOOR, **_TILE_KW
+        )
         out.append(e)
     return out[0], out[1]
 
