@@ -4,6 +4,8 @@ tensor values), so they cost nothing on the device and are safe under torch.comp
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -83,6 +85,8 @@ def check_number(
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{loss}: {name} must be a Python {'int' if integer else 'number'}, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{loss}: {name} must be a finite number, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{loss}: {name} must be > 0, got {value}")
     if nonneg and not value >= 0:
@@ -101,7 +105,7 @@ def check_mask(loss: str, name: str, mask, expected_shape: tuple[int, ...], devi
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{loss}: {name} must be a bool tensor of shape {doc} or None, got {type(mask).__name__}")
     if mask.dtype.is_complex or (mask.dtype.is_floating_point and mask.dtype not in FLOAT_DTYPES):
-        raise TypeError(f"{loss}: {name} must be bool (or 0/1 integers), got {mask.dtype}")
+        raise TypeError(f"{loss}: {name} must be a bool tensor (or integers/floats, nonzero = True), got {mask.dtype}")
     if tuple(mask.shape) != tuple(expected_shape):
         raise ValueError(f"{loss}: {name} must have shape {doc}, got {tuple(mask.shape)}")
     if mask.device != device:

@@ -168,3 +168,17 @@ def test_compiles_fullgraph(fn_name):
     (g_comp,) = torch.autograd.grad(compiled.sum(), inputs[:1])
     assert_close(compiled, eager, rtol=1e-5, atol=1e-6, name=f"{fn_name} compiled value")
     assert_close(g_comp, g_eager, rtol=1e-5, atol=1e-6, name=f"{fn_name} compiled grad")
+
+
+@pytest.mark.parametrize(
+    "fn_name", sorted(n for n, v in API.items() if any(isinstance(d, float) for d in v[2].values()))
+)
+def test_non_finite_scalars_are_rejected(fn_name):
+    """NaN or inf in any float keyword (temperature, beta, epsilon, weights) is a ValueError
+    naming the argument, never a silent NaN loss."""
+    floats = [k for k, v in API[fn_name][2].items() if isinstance(v, float)]
+    inputs = sample_inputs(fn_name)
+    for name in floats:
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=name):
+                getattr(KF, fn_name)(*inputs, **{name: bad})
