@@ -5,7 +5,6 @@ tensor values), so they cost nothing on the device and are safe under torch.comp
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 
 import torch
@@ -85,7 +84,7 @@ def check_number(
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{loss}: {name} must be a Python {'int' if integer else 'number'}, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if value != value or value in (math.inf, -math.inf):  # plain comparisons: traceable by dynamo
         raise ValueError(f"{loss}: {name} must be a finite number, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{loss}: {name} must be > 0, got {value}")

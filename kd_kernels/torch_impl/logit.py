@@ -24,9 +24,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-# At most this many elements per [rows, C] temporary (2**25 fp32 = 128 MB); a chunk holds
-# about 6-8 such temporaries. Capped at 4096 rows: beyond that a chunk gains no speed.
-CHUNK_ELEMENTS = 2**25
+# At most this many elements per [rows, C] temporary (2**23 fp32 = 32 MB); a chunk holds
+# about 6-8 such temporaries, so the extra memory stays near 256 MB whatever rows x C is
+# (rows=8192, C=128256 fp32 would be 4.2 GB per full copy). 8M elements per launch is still
+# far past the size where GPU kernels reach their bandwidth. Capped at 4096 rows.
+CHUNK_ELEMENTS = 2**23
 MAX_CHUNK_ROWS = 4096
 # GRKD materialises a [rows, classes_i, C] pair tile; keep it at 2**24 elements (64 MB fp32).
 PAIR_TILE_ELEMENTS = 2**24

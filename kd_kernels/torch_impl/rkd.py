@@ -22,8 +22,10 @@ Design (LOSSES.md §1, §2):
   bits (``row_keys``: two modular hashes of the 16-bit pieces of every element, O(N·D), no
   host sync; a false match between different rows has probability ~2^-62 per pair). Identical
   pairs then get exactly the reference's treatment. Distinct but nearly coincident rows
-  (closer than ~sqrt(eps)·|x̃|) are resolved only to Gram-route precision, as in the upstream
-  fp32 code. (Exact per-pair distances, e.g. torch.cdist without the mm trick, are ~20x slower
+  (closer than ~sqrt(eps)·|x̃|) are resolved only to Gram-route precision (as the upstream
+  pdist for the distance loss; the upstream angle loss uses explicit differences): in the angle
+  loss a difference below 8 ulp of |x̃_a|² + |x̃_b|² counts as zero (ψ = 0 there) and ψ is
+  clamped to [-1, 1], so rounding noise cannot blow up ψ. (Exact per-pair distances, e.g. torch.cdist without the mm trick, are ~20x slower
   on CPU at N=16384, D=512 and buy nothing for rows that are not identical.)
   One deliberate difference: when two rows are identical in the student but not in the
   teacher, the reference's angle gradient on them is (1/eps = 1e12) x a nonzero number (the
