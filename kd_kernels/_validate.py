@@ -84,7 +84,7 @@ def check_number(
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{loss}: {name} must be a Python {'int' if integer else 'number'}, got {type(value).__name__}")
-    if value != value or value in (math.inf, -math.inf):  # plain comparisons: traceable by dynamo
+    if not (-math.inf < value < math.inf):  # NaN fails every comparison; plain comparisons trace in dynamo
         raise ValueError(f"{loss}: {name} must be a finite number, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{loss}: {name} must be > 0, got {value}")
