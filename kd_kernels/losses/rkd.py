@@ -76,7 +76,10 @@ def rkd_angle_loss(
 
     (the angle at vertex a). Degenerate triples (b or c equal to a, or a row identical to
     row a) have ψ = 0, contribute nothing, and are counted in the N³ denominator, as the
-    reference's F.normalize (eps 1e-12) of a zero vector gives.
+    reference's F.normalize (eps 1e-12) of a zero vector gives. The torch and Triton paths
+    compute ψ from centred Gram products: two rows whose squared difference is below the
+    rounding of their squared norms (8 ulp) count as identical, and ψ is clamped to [-1, 1]
+    (no gradient through either), where the reference's own fp32 result is rounding noise.
 
     Args:
         student: student features ``[N, Ds]`` (N >= 1; N = 1, 2 give only degenerate
