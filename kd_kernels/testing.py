@@ -91,3 +91,61 @@ def assert_matches_reference(
     assert_close(v, rv, rtol=rtol, atol=atol, name=f"{name} value")
     assert_close(gs, rgs, rtol=rtol, atol=atol, name=f"{name} grad student")
     assert_close(gt, rgt, rtol=rtol, atol=atol, name=f"{name} grad teacher")
+
+
+# ------------------------------------------------------------------------- backend matrix
+#: Every kernel backend a test may run through (the ``backend`` fixture of tests/conftest.py).
+BACKENDS = ("torch", "triton", "cuda")
+
+
+def backend_skip_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine (``None`` when it can)."""
+    from kd_kernels._backend import TRITON_INTERPRET, extension_error, triton_version
+
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if triton_version() is None:
+            return "triton is not installed"
+        if not (TRITON_INTERPRET or torch.cuda.is_available()):
+            return "Triton needs a CUDA device or TRITON_INTERPRET=1"
+        return None
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device (the CUDA C++ kernels need one)"
+        err = extension_error()
+        return None if err is None else f"kd_kernels._C not built or not loadable: {err}"
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def backend_device(backend: str) -> torch.device:
+    """The device a test runs ``backend`` on: CUDA when a GPU is present (and always for
+    ``cuda``), else the CPU (torch, and triton under the interpreter)."""
+    from kd_kernels._backend import TRITON_INTERPRET
+
+    if backend == "cuda" or (torch.cuda.is_available() and not (backend == "triton" and TRITON_INTERPRET)):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def implemented_backends(loss: str) -> tuple[str, ...]:
+    """The backends public loss ``loss`` (e.g. ``"rkd_distance_loss"``) has kernels for."""
+    from kd_kernels import losses
+
+    for module in (losses.rkd, losses.geometry, losses.sinkhorn, losses.logit):
+        kernels = getattr(module, "_KERNELS", None)
+        if isinstance(kernels, dict) and loss in kernels:
+            return tuple(kernels[loss])
+        if isinstance(kernels, tuple) and loss in getattr(module, "__all__", ()):
+            return kernels
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def require(backend: str, loss: str) -> torch.device:
+    """Skip the calling test when ``loss`` has no ``backend`` kernel; else return the device
+    to run it on (see :func:`backend_device`)."""
+    import pytest
+
+    if backend not in implemented_backends(loss):
+        pytest.skip(f"{loss} has no {backend!r} kernel yet (implemented: {implemented_backends(loss)})")
+    return backend_device(backend)
