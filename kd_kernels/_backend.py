@@ -130,6 +130,16 @@ def resolve_backend(backend: str, device: torch.device, *, loss: str, kernels: I
     return backend
 
 
+def fp32_dot_precision() -> str:
+    """How float32 matrix products run in the kernels (docs/precision.md), read at call time.
+
+    ``"tf32"`` when PyTorch's own switch allows TF32 (``torch.backends.cuda.matmul.allow_tf32``
+    or ``torch.get_float32_matmul_precision() != "highest"``), else ``"tf32x3"`` (fp32-faithful).
+    """
+    allow = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allow else "tf32x3"
+
+
 def build_info() -> dict:
     """Versions and build facts: kd_kernels, torch, triton, CUDA, and the extension.
 
