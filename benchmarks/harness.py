@@ -201,8 +201,53 @@ def run_case(
         benchmark.pedantic(timed, setup=setup, rounds=n, iterations=1, warmup_rounds=1)
     stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
     if flops and stats is not None:
-        benchmark.extra_info["tflops"] = round(flops / stats.stats.median / 1e12, 4)
+        rate = flops / stats.stats.median / 1e12
+        benchmark.extra_info["tflops"] = round(rate, 4)
+        peak_tc = tensor_core_peak_tflops(device, dtype)
+        benchmark.extra_info["precision_policy"] = tensor_core_policy(dtype)
+        if peak_tc is not None:
+            benchmark.extra_info["tc_peak_tflops"] = peak_tc
+            benchmark.extra_info["pct_of_tc_peak"] = round(100.0 * rate / peak_tc, 2)
     return peak
+
+
+# Dense tensor-core peaks (TFLOP/s, datasheet, no sparsity) per GPU family and operand type.
+# 3xTF32 does three TF32 products per fp32 product, so its fp32-faithful ceiling is a third of
+# TF32's. Used for the "% of tensor-core peak" column; unknown devices get no percentage.
+_TC_PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "tf32": 495.0},
+    "H200": {"bf16": 989.0, "tf32": 495.0},
+    "A100": {"bf16": 312.0, "tf32": 156.0},
+}
+
+
+def tensor_core_policy(dtype: torch.dtype) -> str:
+    """The precision policy a kernel uses for ``dtype`` (docs/precision.md), read now."""
+    from kd_kernels._backend import fp32_dot_precision
+
+    if dtype in (torch.float16, torch.bfloat16):
+        return "bf16/fp16 tensor cores"
+    if dtype == torch.float32:
+        return fp32_dot_precision()
+    return "float64 (torch path)"
+
+
+def tensor_core_peak_tflops(device: str, dtype: torch.dtype) -> float | None:
+    """The device's tensor-core peak for the policy in use with ``dtype``, or None (CPU, unknown GPU)."""
+    if not device.startswith("cuda"):
+        return None
+    name = device_name(device)
+    family = next((k for k in _TC_PEAK_TFLOPS if k in name), None)
+    if family is None:
+        return None
+    policy = tensor_core_policy(dtype)
+    if policy.startswith("bf16"):
+        return _TC_PEAK_TFLOPS[family]["bf16"]
+    if policy == "tf32":
+        return _TC_PEAK_TFLOPS[family]["tf32"]
+    if policy == "tf32x3":
+        return _TC_PEAK_TFLOPS[family]["tf32"] / 3.0
+    return None
 
 
 def _triton_version():

@@ -52,16 +52,22 @@ def markdown(rows: list[dict]) -> str:
             (shape_key(r["shape"]), r["dtype"], r["mode"]): r["median_ms"] for r in rs if r["provider"] == "reference"
         }
         out.append(f"\n### {family} / {op}\n")
-        out.append("| shape | dtype | mode | provider | median ms (p25-p75) | peak MB | TFLOP/s | vs reference |")
-        out.append("|---|---|---|---|---|---|---|---|")
+        out.append(
+            "| shape | dtype | mode | provider | median ms (p25-p75) | peak MB | TFLOP/s | % TC peak (policy) "
+            "| vs reference |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|")
         rs.sort(key=lambda r: (shape_key(r["shape"]), r["dtype"], r["mode"], r["provider"]))
         for r in rs:
             k = (shape_key(r["shape"]), r["dtype"], r["mode"])
             speed = f"{ref[k] / r['median_ms']:.2f}x" if k in ref and r["median_ms"] > 0 else "-"
             tf = f"{r['tflops']:.3f}" if r.get("tflops") is not None else "-"
+            pct = f"{r['pct_of_tc_peak']:.1f}%" if r.get("pct_of_tc_peak") is not None else "-"
+            if r.get("precision_policy"):
+                pct += f" ({r['precision_policy']})"
             out.append(
                 f"| {k[0]} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['median_ms']:.3f} "
-                f"({r['q1_ms']:.3f}-{r['q3_ms']:.3f}) | {r['peak_mb']:.1f} | {tf} | {speed} |"
+                f"({r['q1_ms']:.3f}-{r['q3_ms']:.3f}) | {r['peak_mb']:.1f} | {tf} | {pct} | {speed} |"
             )
     return "\n".join(out) + "\n"
 
