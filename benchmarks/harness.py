@@ -204,7 +204,8 @@ def run_case(
         rate = flops / stats.stats.median / 1e12
         benchmark.extra_info["tflops"] = round(rate, 4)
         peak_tc = tensor_core_peak_tflops(device, dtype)
-        benchmark.extra_info["precision_policy"] = tensor_core_policy(dtype)
+        if device.startswith("cuda"):
+            benchmark.extra_info["precision_policy"] = tensor_core_policy(dtype)
         if peak_tc is not None:
             benchmark.extra_info["tc_peak_tflops"] = peak_tc
             benchmark.extra_info["pct_of_tc_peak"] = round(100.0 * rate / peak_tc, 2)
