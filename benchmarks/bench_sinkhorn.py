@@ -23,7 +23,7 @@ from kd_kernels.torch_impl import sinkhorn as torch_impl
 
 PROVIDERS = ("reference", "compile", "torch")
 MODES = ("fwd", "bwd", "fwd_bwd")
-SINKD_ITERS = 20  # the SinKD default (LOSSES.md §6.1)
+SINKD_ITERS = 20  # the SinKD default (docs/sinkhorn.md §1)
 OT_ITERS = {"cpu": 20, "cuda": 50}  # 50: the BENCHMARKS.md target; 20 keeps the CPU run to seconds
 
 # SinKD (B, C): the GLUE setting first (smallest), then a larger batch and a vocabulary-sized C.

@@ -4,7 +4,7 @@ All four compare the geometry of N paired rows of student features ``[N, Ds]`` a
 features ``[N, Dt]`` (samples, or flattened non-padding tokens); Ds may differ from Dt.
 Batched inputs ``[B, N, Ds]``, ``[B, N, Dt]`` give one loss per item and the mean over B.
 The math and the hand-written gradients are in kd_kernels/torch_impl/geometry.py and
-LOSSES.md §4, §5, §7. On the PyTorch path memory is O(D²) when N > max(Ds, Dt) (the D x D
+docs/geometry.md. On the PyTorch path memory is O(D²) when N > max(Ds, Dt) (the D x D
 form) and O(N²) otherwise, never both.
 
 Masks: ``mask`` ``[N]`` (or ``[B, N]``) marks the rows to KEEP (bool or 0/1 integers); the
@@ -81,7 +81,7 @@ def gram_loss(
 
     Paper: Bhattarai et al., "Geometry-aware representational alignment" (arXiv 2509.25253);
     their code (x-labs-xyz/feature-distillation) was not available, so this is the standard
-    definition from the representational-similarity literature (LOSSES.md §4).
+    definition from the representational-similarity literature (docs/geometry.md §4).
 
     Example::
 
@@ -138,7 +138,7 @@ def procrustes_loss(
         Output: a 0-dim tensor with the student's dtype (mean over B for batched inputs).
         There is no ``reduction`` argument.
 
-    Paper: Bhattarai et al., arXiv 2509.25253 (standard definition, LOSSES.md §4; their code
+    Paper: Bhattarai et al., arXiv 2509.25253 (standard definition, docs/geometry.md §7; their code
     was not available). The angular variant arccos‖X̄ᵀȲ‖_* is not provided.
 
     Example::
@@ -201,7 +201,7 @@ def cka_loss(
     2019); as a KD loss, Zhou et al., "Rethinking CKA in knowledge distillation" (IJCAI 2024).
     Matches google-research ``representation_similarity`` (``cka`` with ``center_gram``).
     Note that the common LLM-KD ``CKALoss`` returns 1 − √CKA, and PCKA uses uncentred
-    alignment (LOSSES.md §5.2); neither is this loss.
+    alignment (docs/geometry.md §5); neither is this loss.
 
     Example::
 
@@ -252,8 +252,8 @@ def relation_loss(
 
     Paper: Cai et al., "LLaVA-KD" (arXiv 2410.16236, ICCV 2025). Their training code is not
     released; the released model code forms exactly this normalised self-similarity
-    (``F.normalize(image_features, dim=-1)``), and the cosine objective is the reading of
-    LOSSES.md §7 [unverified].
+    (``F.normalize(image_features, dim=-1)``), and the cosine objective is an assumption
+    (docs/geometry.md §6).
 
     Example::
 

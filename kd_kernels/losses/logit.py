@@ -395,8 +395,8 @@ def grkd_loss(
         - output: ``[]`` in the student's dtype (mean over kept rows; no ``reduction``).
 
     Paper: Li, Zhou, Chen, "Group Relative Knowledge Distillation" (arXiv 2504.20482). No
-    public code exists; this is the pairwise logistic form of LOSSES.md §3 with a mean over
-    pairs and rows (API.md).
+    public code exists; this is the pairwise logistic form of docs/logit.md §9, with a mean
+    over pairs and rows.
 
     Example::
 

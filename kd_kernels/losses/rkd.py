@@ -1,5 +1,5 @@
 """RKD: Relational Knowledge Distillation (Park, Kim, Lu, Cho, CVPR 2019), distance and
-angle losses. Public functions and modules; the math is in LOSSES.md §2 and in
+angle losses. Public functions and modules; the math is in docs/rkd.md and in
 ``kd_kernels/torch_impl/rkd.py``."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Optimal-transport losses: SinKD (:func:`sinkhorn_loss`, :class:`SinkhornLoss`) and batched
-entropic OT in the log domain (:func:`sinkhorn`). Math and upstream semantics: LOSSES.md §6."""
+entropic OT in the log domain (:func:`sinkhorn`). Math: docs/sinkhorn.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reference (oracle) implementations of the feature-geometry losses (LOSSES.md §4, §5, §7).
+"""Reference (oracle) implementations of the feature-geometry losses (docs/geometry.md).
 
 Literal N x N Gram-form transcriptions with naive memory: every loss builds the N x N
 matrices X Xᵀ and Y Yᵀ (Procrustes builds X̄ᵀȲ and takes its nuclear norm). Masked rows are

@@ -1,15 +1,15 @@
 """Reference (naive, eager) logit losses: the test oracle and the benchmark baseline.
 
-Literal transcriptions of the upstream code in LOSSES.md, full ``[N, C]`` temporaries and
-autograd included; never used on the hot path. Same names and signatures as the public
-functions in ``kd_kernels/losses/logit.py`` minus ``backend``.
+Literal transcriptions of the upstream code named below (the math is in docs/logit.md),
+full ``[N, C]`` temporaries and autograd included; never used on the hot path. Same names
+and signatures as the public functions in ``kd_kernels/losses/logit.py`` minus ``backend``.
 
 * kd_loss: RepDistiller ``DistillKL`` / mdistiller ``kd_loss`` (``kl_div(...).sum(1) * T^2``).
 * reverse_kl_loss: KL(q||p) (DistiLLM ``reverse_kl`` without the label mask, temperature added).
 * jsd_loss: TRL ``GKDTrainer.generalized_jsd_loss`` (beta 0 / 1 endpoints special-cased).
 * tvd_loss: 1/2 sum|p - q| (Liger ``LigerTVDLoss`` on softmax(z/T)).
 * dist_loss: hunto/image_classification_sota ``DIST``.
-* grkd_loss: the pairwise form of LOSSES.md §3 / API.md, over an N x C x C broadcast.
+* grkd_loss: the pairwise form of docs/logit.md §9, over an N x C x C broadcast.
 
 ``ignore_mask`` (True = drop the row) is applied by boolean indexing here; the means are
 over the kept rows with the count clamped at 1, so a batch with every row dropped gives 0.

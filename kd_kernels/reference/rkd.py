@@ -6,7 +6,7 @@ A literal transcription of lenscloth/RKD ``metric/utils.py::pdist`` and
 megvii-research/mdistiller), naive memory and all: the angle loss materializes N x N x D
 difference tensors and N x N x N angle tensors for each network. Upstream wraps the teacher
 in ``torch.no_grad``; here it is not, so a teacher that requires grad gets its true gradient
-(the teacher never requires grad in distillation, and then both agree). See LOSSES.md §2.1.
+(the teacher never requires grad in distillation, and then both agree). See docs/rkd.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Reference (naive, eager) optimal-transport losses: the test oracle and benchmark baseline.
 
 * :func:`sinkhorn_loss` transcribes SinKD's ``Sinkhorn`` loss (2018cx/SinKD ``loss.py``,
-  LOSSES.md §6.1) literally: softmax rows, ``torch.cdist(p=1)``, ``K = exp(-D/eps)``,
+  docs/sinkhorn.md §1) literally: softmax rows, ``torch.cdist(p=1)``, ``K = exp(-D/eps)``,
   ``n_iters`` plain-domain row/column normalisations of the whole B x B matrix, ``sum(P * D)``.
   The two differences from upstream: the temperature is an argument (upstream hard-codes
   T = 2, the default here) and the 1e-3 / 8e-4 scale is left to the caller.

@@ -12,6 +12,9 @@ float64; the loss has the student's dtype, each gradient its input's dtype.
 Inputs ``[N, D]`` are treated as a batch of one; batched ``[B, N, D]`` uses batched matmuls
 (no loop over B) and the loss is the mean of the B per-item losses.
 
+The derivations (why each step holds, the rank argument for Procrustes, what is saved) are in
+docs/geometry.md; below is the summary of the formulas this code follows.
+
 Math (per batch item; X = student ``[N, Ds]``, Y = teacher ``[N, Dt]``, w = 0/1 row mask,
 n = Σ w, EPS = 1e-12)
 ---------------------------------------------------------------------------------------------
@@ -26,7 +29,7 @@ Row preprocessing, X → X̄ (likewise Y → Ȳ):
     mask     h = w ⊙ g;   centring  ∂L/∂x_j = h_j − w_j Σ_i h_i / n      (else ∂L/∂x = h)
 
 Gram products. With K = X̄X̄ᵀ, L = ȲȲᵀ (N x N) and B = X̄ᵀX̄, A = X̄ᵀȲ, C = ȲᵀȲ (D x D):
-    P_xx = ‖K‖² = ‖B‖²,   P_xy = ⟨K, L⟩ = ‖A‖²,   P_yy = ‖L‖² = ‖C‖²          (LOSSES.md §1)
+    P_xx = ‖K‖² = ‖B‖²,   P_xy = ⟨K, L⟩ = ‖A‖²,   P_yy = ‖L‖² = ‖C‖²   (docs/geometry.md §3)
   For a loss ℓ(P) with a = ∂ℓ/∂P_xx, b = ∂ℓ/∂P_xy, c = ∂ℓ/∂P_yy:
     ∂ℓ/∂X̄ = 4a X̄B + 2b ȲAᵀ  = (4a K + 2b L) X̄
     ∂ℓ/∂Ȳ = 4c ȲC + 2b X̄A   = (4c L + 2b K) Ȳ
@@ -45,16 +48,14 @@ Losses:
               with tiny n) κ is taken as 0: loss 1, zero gradient. h_xy < 0 (unbiased only)
               is legitimate: κ < 0, loss > 1.
   relation    ℓ = 1 − P_xy / √(P_xx P_yy) with the "row" preprocessing and no centring:
-              then K = R_s, L = R_t are the cosine self-similarity matrices (LOSSES.md §7).
+              then K = R_s, L = R_t are the cosine self-similarity matrices (docs/geometry.md §6).
   procrustes  ℓ = 2 − 2‖M‖_*, M = X̄ᵀȲ = UΣVᵀ (thin SVD in fp32/fp64), Π = U 1[σ > tol] Vᵀ:
                 ∂ℓ/∂X̄ = −2 Ȳ Πᵀ,   ∂ℓ/∂Ȳ = −2 X̄ Π.
               Π (the polar factor) is unique on the range of M even for repeated singular
               values; directions with σ = 0 are dropped (tol = σ_max·eps, the SVD's own
-              resolution), which gives the exact gradient whenever rank M = rank X̄ = rank Ȳ
-              (e.g. N ≤ D with generic data) and the minimum-norm subgradient otherwise. The
-              tolerance must not be larger (e.g. the matrix-rank σ_max·max(Ds, Dt)·eps): small
-              but resolved singular values of an ill-conditioned M carry O(1) gradient terms
-              −2 Ȳ v_k u_kᵀ, and dropping them gave a ~20% wrong gradient in float32.
+              resolution): the exact gradient whenever rank M = rank X̄ = rank Ȳ (e.g. N ≤ D
+              with generic data), the minimum-norm subgradient otherwise. The tolerance must
+              not be larger (a ~20% wrong fp32 gradient on ill-conditioned M): docs/geometry.md §7.
 """
 
 from __future__ import annotations
@@ -331,7 +332,7 @@ def procrustes_forward(student, teacher, mask, center: bool):
     xb, mu_x, s_x = _prep(x, w, n, center, FROB)
     yb, mu_y, s_y = _prep(y, w, n, center, FROB)
     u, sv, vh = torch.linalg.svd(torch.bmm(xb.transpose(1, 2), yb), full_matrices=False)
-    tol = sv[:, :1] * torch.finfo(sv.dtype).eps  # only the SVD's noise floor: see the module docstring
+    tol = sv[:, :1] * torch.finfo(sv.dtype).eps  # only the SVD's noise floor: docs/geometry.md §7
     polar = torch.bmm(u * (sv > tol).to(sv.dtype)[:, None, :], vh)
     loss = (2 - 2 * sv.sum(dim=1)).mean().to(student.dtype)
     return loss, (mu_x, s_x, mu_y, s_y, polar)

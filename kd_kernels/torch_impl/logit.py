@@ -2,10 +2,10 @@
 
 Plain functions on tensors with hand-written forward and backward (no autograd inside).
 They are the CPU kernels, the GPU fallback and the blueprint of the fused GPU kernels
-(LOSSES.md §3, §8, §9). Rows are processed in chunks so that at most a few
+(derivations: docs/logit.md). Rows are processed in chunks so that at most a few
 ``chunk x C`` temporaries are alive at once; the forward saves only per-row scalars
 (the log-sum-exp of ``z/T`` for student and teacher) and the backward recomputes the
-probabilities from them (LOSSES.md §9.7).
+probabilities from them (docs/logit.md §2).
 
 Precision: fp16/bf16/fp32 inputs are computed in float32, float64 stays float64 (if either
 input is float64, both are computed in float64). Per-row losses and saved statistics are
@@ -69,7 +69,7 @@ def _log_probs(z: torch.Tensor, temperature: float, dtype: torch.dtype, lse: tor
 
 
 # ---------------------------------------------------------------------------------------
-# KD, reverse KL, generalized JSD, TVD (LOSSES.md §9)
+# KD, reverse KL, generalized JSD, TVD (docs/logit.md §3-6)
 #
 # Per row, with l_s = log q = log_softmax(z_s/T), l_t = log p = log_softmax(z_t/T):
 #   kd:          L = T^2 * sum_c p (l_t - l_s)                      (Hinton, forward KL)
@@ -340,7 +340,7 @@ def tvd_bwd(
 
 
 # ---------------------------------------------------------------------------------------
-# DIST (LOSSES.md §8)
+# DIST (docs/logit.md §8)
 #
 # y_s = softmax(z_s/τ), y_t = softmax(z_t/τ); kept rows w_i ∈ {0,1}, K = Σ w_i.
 # pearson(a, b) = <â, b̂> / (|â| |b̂| + eps), â = a - mean(a), eps = 1e-8.
@@ -485,7 +485,7 @@ def dist_bwd(
 
 
 # ---------------------------------------------------------------------------------------
-# GRKD (LOSSES.md §3, API.md)
+# GRKD (docs/logit.md §9)
 #
 # Per row, pairs P = {(i, j): t_i > t_j} (teacher logits, ties excluded; with top_k, i must
 # be among the teacher's top k classes), x_ij = -(z_s,i - z_s,j)/τ:

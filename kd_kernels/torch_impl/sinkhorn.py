@@ -2,11 +2,15 @@
 
 Two entry points per op (plain functions on tensors; no autograd inside, no host syncs):
 
-* SinKD (LOSSES.md §6): :func:`sinkhorn_loss_fwd` / :func:`sinkhorn_loss_bwd`.
-* Batched log-domain Sinkhorn: :func:`sinkhorn_fwd` / :func:`sinkhorn_bwd`.
+* SinKD (docs/sinkhorn.md §1-3): :func:`sinkhorn_loss_fwd` / :func:`sinkhorn_loss_bwd`.
+* Batched log-domain Sinkhorn (docs/sinkhorn.md §4-6): :func:`sinkhorn_fwd` / :func:`sinkhorn_bwd`.
 
 fp16/bf16 inputs are computed in float32, float64 stays float64; results are cast back to
 the input dtypes. These functions are the blueprint for the GPU kernels.
+
+The derivations (the scaling-vector form of the plain-domain iteration, both reverse
+recurrences, what is saved, zero marginals) are in docs/sinkhorn.md; the comment block above
+each pair of functions summarises the formulas the code follows.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def _tiles(rows: int, cols: int, classes: int):
 #   so Y_l = diag(u_l) K diag(v_{l-1}), r_l = u_{l-1} / u_l and c_l = v_{l-1} / v_l.
 #   Loss = sum_ij P_ij D_ij = u_L^T (K o D) v_L.  Saved: D [B, B] and U, V [L + 1, B].
 #
-# Backward (g = dLoss; LOSSES.md §6.2, the exact gradient of the unrolled iterations):
+# Backward (g = dLoss; docs/sinkhorn.md §2, the exact gradient of the unrolled iterations):
 #   G = g D (dL/dP),  dD = g P.
 #   for l = L..1:  (column step, then row step)
 #       s_j = sum_i G_ij X_l,ij          G_Y = (G - 1 s^T) diag(1 / c_l)
