@@ -1,9 +1,10 @@
-"""Triton kernels of the RKD family (kd_kernels/triton/rkd.py) against the float64 reference.
+"""The Triton RKD kernels' own contract (kd_kernels/triton/rkd*.py): configuration tables,
+launcher-level behaviour, the near-anchor flags and the agreement of the angle loss's two
+routes. Reference comparisons of values and gradients run through the public functions in
+the backend matrix (tests/test_rkd.py, tests/test_rkd_near_duplicates.py).
 
-The launchers are compared directly (values, saved means, gradients) through a small
-autograd.Function wrapper, so the tests do not depend on the ops' dispatch table. They run
-on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``, where tiles are 32 wide, so
-N = 40 and N = 70 span several tiles) or on a CUDA device; otherwise they are skipped.
+They run on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``) or on a CUDA device;
+otherwise they are skipped.
 
     TRITON_INTERPRET=1 .venv/bin/pytest tests/test_rkd_triton.py
 """
@@ -14,8 +15,7 @@ import pytest
 import torch
 
 from kd_kernels._backend import TRITON_INTERPRET
-from kd_kernels.reference.rkd import rkd_angle_loss, rkd_distance_loss
-from kd_kernels.testing import assert_close, assert_matches_reference, value_and_grads
+from kd_kernels.testing import assert_close
 
 
 def _devices() -> list:
@@ -26,242 +26,131 @@ def _devices() -> list:
 
 DEVICES = _devices()
 pytestmark = pytest.mark.skipif(not DEVICES, reason="Triton needs a CUDA device or TRITON_INTERPRET=1")
-REDUCTIONS = ["mean", "sum", "none"]
 
 
-def _kernels():
+def _k():
     from kd_kernels.triton import rkd  # imports triton: only once the module is not skipped
 
     return rkd
 
 
-class _Distance(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student, teacher, reduction):
-        loss, mu_s, mu_t = _kernels().rkd_distance_fwd_triton(student, teacher, reduction)
-        ctx.save_for_backward(student, teacher, mu_s, mu_t)
-        ctx.reduction = reduction
-        return loss
+def test_config_tables():
+    """Every configuration is a valid tl.dot tiling (powers of two >= 16) with a warp count and
+    a stage count; the interpreter always takes its one small configuration."""
+    from kd_kernels.triton import rkd_angle, rkd_distance
 
-    @staticmethod
-    def backward(ctx, grad):
-        s, t, mu_s, mu_t = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gs, gt = _kernels().rkd_distance_bwd_triton(grad, s, t, mu_s, mu_t, ctx.reduction, need_s, need_t)
-        return gs, gt, None
+    for table in (rkd_distance.DISTANCE_CONFIGS, rkd_angle.ANGLE_CONFIGS):
+        for name, cfg in table.items():
+            for key, v in cfg.items():
+                if key.startswith("BLOCK_"):
+                    assert v >= 16 and v & (v - 1) == 0, f"{name}.{key} = {v}"
+            assert cfg["num_warps"] in (1, 2, 4, 8, 16) and cfg["num_stages"] >= 1, name
+    x = torch.randn(8, 128)
+    if TRITON_INTERPRET:
+        assert rkd_distance.pick_pair_config(x, x) is rkd_distance.DISTANCE_CONFIGS["interpret"]
+        assert rkd_angle.pick_angle_config("explicit") is rkd_angle.ANGLE_CONFIGS["interpret_explicit"]
+        from kd_kernels.triton._tiles import dot_precision
 
-
-class _Angle(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student, teacher, reduction):
-        ctx.save_for_backward(student, teacher)
-        ctx.reduction = reduction
-        return _kernels().rkd_angle_fwd_triton(student, teacher, reduction)
-
-    @staticmethod
-    def backward(ctx, grad):
-        s, t = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        gs, gt = _kernels().rkd_angle_bwd_triton(grad, s, t, ctx.reduction, need_s, need_t)
-        return gs, gt, None
-
-
-def triton_distance(student, teacher, *, reduction="mean"):
-    return _Distance.apply(student, teacher, reduction)
-
-
-def triton_angle(student, teacher, *, reduction="mean"):
-    return _Angle.apply(student, teacher, reduction)
-
-
-LOSSES = {"distance": (triton_distance, rkd_distance_loss), "angle": (triton_angle, rkd_angle_loss)}
-
-
-def _grad_output(loss: str, reduction: str, n: int, device) -> torch.Tensor:
-    if reduction != "none":
-        return torch.tensor(0.37, device=device)
-    return torch.randn((n, n) if loss == "distance" else (n,), device=device)
-
-
-def _inputs(n, ds, dt, device, dtype=torch.float32, teacher_grad=True):
-    s = torch.randn(n, ds, device=device, dtype=dtype)
-    t = torch.randn(n, dt, device=device, dtype=dtype).requires_grad_(teacher_grad)
-    return s, t
-
-
-def _check(loss, s, t, reduction, **tol):
-    fn, ref = LOSSES[loss]
-    g = _grad_output(loss, reduction, s.shape[0], s.device)
-    assert_matches_reference(fn, ref, s, t, grad_output=g, reduction=reduction, name=f"{loss}/{reduction}", **tol)
-
-
-# (N, Ds, Dt): tiny, odd widths, Ds != Dt, and N spanning several 32-row tiles (three for
-# the distance; two for the angle, whose interpreted cost grows as N^3)
-DIST_SHAPES = [(2, 3, 5), (3, 4, 4), (5, 7, 3), (17, 9, 33), (70, 40, 31)]
-ANGLE_CASES = [(shape, r) for shape in [(2, 3, 5), (3, 4, 4), (5, 7, 3), (17, 9, 33)] for r in REDUCTIONS]
-ANGLE_CASES += [((40, 12, 7), "mean"), ((40, 12, 7), "none")]
-
-
-@pytest.mark.parametrize("device", DEVICES or ["none"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("shape", DIST_SHAPES, ids=str)
-def test_distance_matches_reference(device, shape, reduction):
-    _check("distance", *_inputs(*shape, device), reduction)
-
-
-@pytest.mark.parametrize("device", DEVICES or ["none"])
-@pytest.mark.parametrize(("shape", "reduction"), ANGLE_CASES, ids=str)
-def test_angle_matches_reference(device, shape, reduction):
-    _check("angle", *_inputs(*shape, device), reduction)
-
-
-@pytest.mark.parametrize("device", DEVICES or ["none"])
-@pytest.mark.parametrize("loss", ["distance", "angle"])
-def test_teacher_without_grad(device, loss):
-    """need_teacher=False: only the student's gradient, the teacher's stays None."""
-    s, t = _inputs(20, 6, 10, device, teacher_grad=False)
-    _check(loss, s, t, "mean")
-    _, _, gt = value_and_grads(LOSSES[loss][0], s, t, reduction="mean")
-    assert gt is None
-
-
-@pytest.mark.parametrize("device", DEVICES or ["none"])
-def test_need_flags(device):
-    """Launchers return None for every gradient not asked for."""
-    k = _kernels()
-    s, t = _inputs(6, 4, 3, device, teacher_grad=False)
-    g = torch.tensor(1.0, device=device)
-    _, mu_s, mu_t = k.rkd_distance_fwd_triton(s, t, "mean")
-    assert k.rkd_distance_bwd_triton(g, s, t, mu_s, mu_t, "mean", False, False) == (None, None)
-    gs, gt = k.rkd_distance_bwd_triton(g, s, t, mu_s, mu_t, "mean", False, True)
-    assert gs is None and gt.shape == t.shape
-    assert k.rkd_angle_bwd_triton(g, s, t, "mean", False, False) == (None, None)
-    gs, gt = k.rkd_angle_bwd_triton(g, s, t, "mean", False, True)
-    assert gs is None and gt.shape == t.shape
-
-
-@pytest.mark.parametrize("device", DEVICES or ["none"])
-def test_saved_means(device):
-    """mu_s, mu_t are the mean off-diagonal distances (0-dim, float32 for fp32 inputs)."""
-    s, t = _inputs(37, 5, 8, device)
-    _, mu_s, mu_t = _kernels().rkd_distance_fwd_triton(s, t, "mean")
-    for mu, x in ((mu_s, s), (mu_t, t)):
-        d = torch.cdist(x.detach().double(), x.detach().double())
-        expected = d.sum() / (37 * 36)
-        assert mu.shape == () and mu.dtype == torch.float32
-        assert_close(mu, expected, name="mu")
-
-
-@pytest.mark.parametrize("device", DEVICES or ["none"])
-@pytest.mark.parametrize(("loss", "reduction"), [*(("distance", r) for r in REDUCTIONS), ("angle", "none")])
-def test_duplicated_rows(device, loss, reduction):
-    """Identical rows (in both networks, and some in one network only) reproduce the
-    reference: distance 1e-6 at the clamp with no gradient, psi = 0 at a zero difference.
-    Angle: where only one network has a zero difference, the reference's gradient for that
-    network is F.normalize's 1/eps = 1e12 slope at 0 (the kernels give 0), so the angle case
-    keeps student-only duplicates out and compares the student only (see also
-    test_angle_student_only_duplicate)."""
-    s, t = _inputs(35, 6, 9, device)
-    for x in (s, t):  # in both networks, one pair inside a tile and one across tiles
-        x.data[5] = x.data[2]
-        x.data[34] = x.data[0]
-    t.data[30] = t.data[31]  # teacher only
-    if loss == "distance":
-        s.data[11] = s.data[20]  # student only
+        assert dot_precision() == "ieee"
     else:
-        t.requires_grad_(False)
-    _check(loss, s, t, reduction)
+        cfgs = rkd_distance.DISTANCE_CONFIGS
+        assert rkd_distance.pick_pair_config(x, x) is cfgs["fp32"]
+        assert rkd_distance.pick_pair_config(x.half(), x.half()) is cfgs["16bit"]
+        assert rkd_distance.pick_pair_config(x[:, :33], x) is cfgs["unaligned_fp32"]
+        assert rkd_distance.pick_pair_config(x[:, :32].contiguous(), x[:, :64].contiguous()) is cfgs["small_d"]
+
+
+@pytest.mark.skipif(TRITON_INTERPRET, reason="the interpreter always multiplies fp32 with 'ieee'")
+def test_fp32_precision_read_at_call_time(monkeypatch):
+    """The fp32 dot precision follows PyTorch's switch when the launcher runs."""
+    from kd_kernels.triton._tiles import dot_precision
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    prev = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision() == "tf32x3"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(prev)
 
 
 @pytest.mark.parametrize("device", DEVICES or ["none"])
-def test_angle_student_only_duplicate(device):
-    """Rows identical in the student only: same value as the reference; the reference's
-    student gradient there is F.normalize's 1/eps = 1e12 slope at 0, the kernels give 0
-    for those pairs, so the gradient is only checked to be finite."""
-    s, t = _inputs(9, 5, 4, device, teacher_grad=False)
-    s.data[3] = s.data[7]
-    v, gs, _ = value_and_grads(triton_angle, s, t)
-    assert_close(v, rkd_angle_loss(s.double(), t.double()), name="angle value")
-    assert torch.isfinite(gs).all()
+def test_launcher_contract(device):
+    """Need flags give None, dtypes and shapes as the ops' fakes declare, mu in float32,
+    contiguous gradients for non-contiguous inputs."""
+    k = _k()
+    s = torch.randn(5, 9, device=device).T  # [9, 5], column-major
+    t = torch.randn(9, 6, device=device, dtype=torch.bfloat16)
+    g = torch.tensor(0.5, device=device)
+    loss, mu_s, mu_t = k.rkd_distance_fwd_triton(s, t, "mean")
+    assert loss.shape == () and loss.dtype == s.dtype
+    assert mu_s.shape == mu_t.shape == () and mu_s.dtype == mu_t.dtype == torch.float32
+    assert k.rkd_distance_fwd_triton(s, t, "none")[0].shape == (9, 9)
+    assert k.rkd_distance_bwd_triton(g, s, t, mu_s, mu_t, "mean", False, False) == (None, None)
+    gs, gt = k.rkd_distance_bwd_triton(g, s, t, mu_s, mu_t, "mean", True, False)
+    assert gt is None and gs.shape == s.shape and gs.dtype == s.dtype and gs.is_contiguous()
+    assert k.rkd_angle_fwd_triton(s, t, "none").shape == (9,)
+    assert k.rkd_angle_bwd_triton(g, s, t, "sum", False, False) == (None, None)
+    gs, gt = k.rkd_angle_bwd_triton(g, s, t, "sum", False, True)
+    assert gs is None and gt.shape == t.shape and gt.dtype == torch.bfloat16 and gt.is_contiguous()
 
 
 @pytest.mark.parametrize("device", DEVICES or ["none"])
-@pytest.mark.parametrize("loss", ["distance", "angle"])
-def test_non_contiguous(device, loss):
-    """Transposed and strided views are read through their strides."""
-    s = torch.randn(7, 21, device=device).T  # [21, 7], column-major
-    t = torch.randn(21, 10, device=device)[:, ::2].requires_grad_(True)  # [21, 5], stride 2
-    _check(loss, s, t, "none")
+def test_rejects_float64_and_bad_reduction(device):
+    """float64 is the PyTorch path's (the ops route it there): a clear error if it gets here."""
+    k = _k()
+    s, t = torch.randn(4, 3, device=device), torch.randn(4, 2, device=device)
+    with pytest.raises(TypeError, match="float64"):
+        k.rkd_distance_fwd_triton(s.double(), t, "mean")
+    with pytest.raises(TypeError, match="float64"):
+        k.rkd_angle_fwd_triton(s, t.double(), "mean")
+    with pytest.raises(ValueError, match="reduction"):
+        k.rkd_angle_fwd_triton(s, t, "batchmean")
+
+
+@pytest.mark.parametrize("device", DEVICES or ["none"])
+def test_near_anchor_flags(device):
+    """The E kernel flags an anchor when it has a near pair in the student OR the teacher
+    (E^gram < 2^-6 (s_i + s_j)), across tiles, and stores E = 0 on the diagonal and for
+    identical rows (explicit differences)."""
+    from kd_kernels.triton import rkd_angle
+    from kd_kernels.triton._tiles import dot_precision
+
+    s = torch.randn(40, 6, device=device) * 3 + 2
+    t = torch.randn(40, 5, device=device)
+    s[33] = s[1]  # identical, across tiles
+    s[7] = s[2] + 1e-4 * torch.randn(6, device=device)  # near in the student
+    t[20] = t[21] * (1 + 1e-3)  # near in the teacher only
+    es, et, flags = rkd_angle._angle_e(s, t, dot_precision())
+    assert sorted(torch.nonzero(flags).flatten().tolist()) == [1, 2, 7, 20, 21, 33]
+    assert es[1, 33] == 0 and es[33, 1] == 0 and bool((es.diagonal() == 0).all())
+    exact = (s[7].double() - s[2].double()).square().sum()
+    assert_close(es[7, 2], exact, rtol=1e-5, atol=0, name="explicit E")
 
 
 @pytest.mark.parametrize("device", DEVICES or ["none"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("loss", ["distance", "angle"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
-def test_other_dtypes(device, loss, dtype, reduction):
-    """fp16/bf16 are computed in fp32 from the exact inputs, so the only loss of accuracy is
-    the final rounding to the input dtype (rtol ~ 2 eps of that dtype, scaled to the largest
-    entry); float64 is computed in fp32 (fp32 tolerance). Results keep the input dtypes."""
-    s, t = _inputs(13, 7, 5, device, dtype=dtype)
-    fn, ref = LOSSES[loss]
-    g = _grad_output(loss, reduction, 13, device)
-    out = value_and_grads(fn, s, t, grad_output=g, reduction=reduction)
-    expected = value_and_grads(ref, s, t, grad_output=g, reduction=reduction, dtype=torch.float64)
-    rtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 2e-5}[dtype]
-    for name, a, e, x in zip(("value", "grad student", "grad teacher"), out, expected, (s, s, t)):
-        assert a.dtype == x.dtype, f"{name}: dtype {a.dtype} != {x.dtype}"
-        assert_close(a, e, rtol=rtol, atol=rtol * e.abs().max().item(), name=f"{loss}/{dtype}/{name}")
-    if loss == "distance":
-        mu = _kernels().rkd_distance_fwd_triton(s, t, reduction)[1]
-        assert mu.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+def test_angle_routes_agree(device, reduction):
+    """With every anchor forced onto the explicit route (flags all 1), the explicit kernels
+    give the E route's value and gradients on well-separated rows."""
+    from kd_kernels.triton import rkd_angle
 
+    k = _k()
+    s, t = torch.randn(35, 7, device=device), torch.randn(35, 4, device=device)
+    g = torch.tensor(0.7, device=device) if reduction == "mean" else torch.randn(35, device=device)
+    e_route = (k.rkd_angle_fwd_triton(s, t, reduction), *k.rkd_angle_bwd_triton(g, s, t, reduction, True, True))
+    real = rkd_angle._angle_e
 
-@pytest.mark.parametrize("device", DEVICES or ["none"])
-def test_single_row(device):
-    """N = 1: the reference's distance mean is over an empty set (NaN loss, zero gradients);
-    the angle loss is 0 (every triple is degenerate)."""
-    s, t = _inputs(1, 4, 3, device)
-    v, gs, gt = value_and_grads(triton_distance, s, t)
-    rv, rgs, rgt = value_and_grads(rkd_distance_loss, s, t, dtype=torch.float64)
-    assert torch.isnan(v) and torch.isnan(rv)
-    assert_close(gs, rgs, name="grad student")
-    assert_close(gt, rgt, name="grad teacher")
-    _check("angle", s, t, "mean")
+    def all_near(*args):
+        es, et, flags = real(*args)
+        return es, et, torch.ones_like(flags)
 
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("loss", ["distance", "angle"])
-def test_public_api_backend_triton(device, loss):
-    """The public function with backend="triton" goes through the custom op to these kernels:
-    same value and gradients as the float64 reference, and the op passes opcheck."""
-    import kd_kernels
-    from kd_kernels.ops import rkd as rkd_ops
-
-    fn = kd_kernels.rkd_distance_loss if loss == "distance" else kd_kernels.rkd_angle_loss
-    ref = rkd_distance_loss if loss == "distance" else rkd_angle_loss
-    s, t = _inputs(11, 6, 4, device)
-    assert_matches_reference(
-        lambda a, b, **kw: fn(a, b, backend="triton", **kw),
-        ref,
-        s,
-        t,
-        grad_output=torch.tensor(0.37, device=device),
-        reduction="mean",
-    )
-    op = rkd_ops.rkd_distance_fwd if loss == "distance" else rkd_ops.rkd_angle_fwd
-    torch.library.opcheck(op, (s.detach().requires_grad_(), t.detach(), "mean", "triton"))
-
-
-@pytest.mark.parametrize("device", DEVICES or ["none"])
-def test_angle_nearly_coincident_rows(device):
-    """Distinct rows closer than the fp32 Gram route resolves (|x_1 - x_0| ~ 1e-5·|x|): the
-    unresolved difference is treated as zero and psi is clamped to [-1, 1] (as the PyTorch
-    path), so the value stays within 2 % of the reference and the gradients stay bounded
-    instead of psi ~ 1e5 and gradients ~ 1e16."""
-    s = torch.randn(16, 64, device=device) * 3 + 5
-    t = torch.randn(16, 32, device=device)
-    s[1] = s[0] + 1e-5 * torch.randn(64, device=device)
-    v, gs, _ = value_and_grads(triton_angle, s, t)
-    rv = rkd_angle_loss(s.double(), t.double())
-    assert abs(v.item() - rv.item()) < 2e-2 * rv.item()
-    assert gs.abs().max() < 1e-2
+    rkd_angle._angle_e = all_near
+    try:
+        explicit = (k.rkd_angle_fwd_triton(s, t, reduction), *k.rkd_angle_bwd_triton(g, s, t, reduction, True, True))
+    finally:
+        rkd_angle._angle_e = real
+    for name, a, b in zip(("value", "grad student", "grad teacher"), explicit, e_route):
+        assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item(), name=name)

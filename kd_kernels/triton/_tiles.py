@@ -66,7 +66,7 @@ def load_centred(x_ptr, mean_ptr, rows, in_r, offs_k, D, stride_d):
 # Gram route (docs/rkd.md section 1):
 #   E_ij = s_i + s_j - 2 x~_i . x~_j,  s_i = |x~_i|^2,  x~ = x - mean   (one tl.dot per D chunk)
 # s is summed from the same (rounded) operands as the dot, so E is the squared distance of the
-# points the MMA saw. Returns (E [BM, BN] fp32, S = s_i + s_j [BM, BN] fp32).
+# points the MMA saw. Returns (E [BM, BN] fp32, s_i [BM], s_j [BN]).
 @triton.jit
 def gram_sqdist(
     x_ptr,  # [N, D] features (fp32 / fp16 / bf16), strides (stride_n, stride_d)
@@ -98,27 +98,27 @@ def gram_sqdist(
         xj32 = xj.to(tl.float32)
         sq_i += tl.sum(xi32 * xi32, axis=1)
         sq_j += tl.sum(xj32 * xj32, axis=1)
-    s = sq_i[:, None] + sq_j[None, :]
-    return s - 2.0 * gram, s
+    return sq_i[:, None] + sq_j[None, :] - 2.0 * gram, sq_i, sq_j
 
 
-# Explicit squared differences of the ORIGINAL (uncentred) rows, upcast to fp32:
-#   E_ij = sum_k (x_ik - x_jk)^2
-# a per-column FMA loop over D on [BM, BN]: only called when a tile has a near pair (rare).
+# Explicit squared differences of the ORIGINAL (uncentred) rows, upcast to fp32, written over
+# the near entries of e in place (no second [BM, BN] accumulator: registers):
+#   E_ij = sum_k (x_ik - x_jk)^2   where near_ij
+# a per-column FMA loop over D: only called when a tile has a near pair (rare).
 @triton.jit
-def explicit_sqdist(x_ptr, stride_n, stride_d, N, D, offs_i, offs_j, BM: tl.constexpr, BN: tl.constexpr):
+def explicit_sqdist(e, near, x_ptr, stride_n, stride_d, N, D, offs_i, offs_j):
     in_i = offs_i < N
     in_j = offs_j < N
     row_i = offs_i.to(tl.int64) * stride_n
     row_j = offs_j.to(tl.int64) * stride_n
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    e = tl.where(near, 0.0, e)
     for k in range(0, D):
         col = tl.cast(k, tl.int64) * stride_d
         xi = tl.load(x_ptr + row_i + col, mask=in_i, other=0.0).to(tl.float32)
         xj = tl.load(x_ptr + row_j + col, mask=in_j, other=0.0).to(tl.float32)
         diff = xi[:, None] - xj[None, :]
-        acc += diff * diff
-    return acc
+        e += tl.where(near, diff * diff, 0.0)
+    return e
 
 
 # The near-duplicate rule (docs/rkd.md section 4), TAU = 2^-6:
@@ -142,10 +142,9 @@ def sqdist_near(
     PREC: tl.constexpr,  # fp32 dot precision
     TAU: tl.constexpr,  # near threshold relative to s_i + s_j (2^-6)
 ):
-    e, s = gram_sqdist(x_ptr, mean_ptr, stride_n, stride_d, N, D, offs_i, offs_j, BM, BN, BK, PREC)
+    e, sq_i, sq_j = gram_sqdist(x_ptr, mean_ptr, stride_n, stride_d, N, D, offs_i, offs_j, BM, BN, BK, PREC)
     inb = (offs_i[:, None] < N) & (offs_j[None, :] < N) & (offs_i[:, None] != offs_j[None, :])
-    near = inb & (e < TAU * s)
+    near = inb & (e < TAU * (sq_i[:, None] + sq_j[None, :]))
     if tl.max(near.to(tl.int32)) > 0:
-        ex = explicit_sqdist(x_ptr, stride_n, stride_d, N, D, offs_i, offs_j, BM, BN)
-        e = tl.where(near, ex, e)
+        e = explicit_sqdist(e, near, x_ptr, stride_n, stride_d, N, D, offs_i, offs_j)
     return tl.maximum(e, 0.0), near

@@ -32,14 +32,16 @@ _EPS = 1e-12
 # Launch configurations of the triple kernels (the E buffer uses the distance table).
 # "e_route": 64x64 (b, c) tiles of elementwise fp32 work on E loads; 8 warps keep ~16 values
 # of each [64, 64] temporary per thread (no spills), no dot, so no pipelining (1 stage).
-# "explicit": the near-anchor kernels hold two psi accumulators and a U tile; 64x64 with a
-# 32-column D chunk (128-byte fp32 rows: the differences are fp32) at 4 warps, 2 stages.
+# "explicit": the near-anchor kernels (rare) hold two psi accumulators, U and the g chunk, all
+# from 3xTF32 dots of fp32 difference tiles (hi/lo splits in registers): 32x32 tiles with a
+# 32-column D chunk at 4 warps, 1 stage (the tiles are built in registers: no cp.async);
+# 64-wide tiles spilled on sm_80 and sm_90.
 # "interpret": 32-wide tiles (cheap to interpret; N = 40 spans two tiles).
 # TARGET_PROGRAMS: the E-route backward splits anchors over grid axis 2 until about this many
 # programs exist (several waves on a 132-SM GPU); the interpreter takes one split.
 ANGLE_CONFIGS = {
     "e_route": dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=1),
-    "explicit": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    "explicit": dict(BLOCK_B=32, BLOCK_C=32, BLOCK_K=32, num_warps=4, num_stages=1),
     "interpret_e_route": dict(BLOCK_B=32, BLOCK_C=32, num_warps=4, num_stages=1),
     "interpret_explicit": dict(BLOCK_B=32, BLOCK_C=32, BLOCK_K=32, num_warps=4, num_stages=1),
 }
@@ -236,7 +238,7 @@ def _rkd_angle_fwd_explicit_kernel(
     s_ptr,  # [N, Ds] student features
     t_ptr,  # [N, Dt] teacher features
     flag_ptr,  # [N] int32 near-anchor flags (only flagged anchors run)
-    partial_ptr,  # [N, num_b_tiles] fp32: overwritten for near anchors (sum of h, as the E route)
+    partial_ptr,  # [N, num_b_tiles] fp32, zero-initialised: near anchors' sums of h per b tile
     N,  # rows
     Ds,  # student width
     Dt,  # teacher width
@@ -381,17 +383,18 @@ def rkd_angle_fwd_triton(student: torch.Tensor, teacher: torch.Tensor, reduction
     nb = triton.cdiv(n, ecfg["BLOCK_B"])
     partial = torch.empty(n, nb, device=student.device, dtype=torch.float32)
     _rkd_angle_fwd_kernel[(n, nb)](es, et, flags, partial, n, EPS=_EPS, **ecfg)
-    # the explicit kernel must write the same [N, nb] layout: its b tile is the E route's
-    assert xcfg["BLOCK_B"] == ecfg["BLOCK_B"]
-    _rkd_angle_fwd_explicit_kernel[(n, nb)](
-        student, teacher, flags, partial, *_xy_sizes(student, teacher), PREC=prec, EPS=_EPS, **xcfg
+    nbx = triton.cdiv(n, xcfg["BLOCK_B"])
+    partial_x = torch.zeros(n, nbx, device=student.device, dtype=torch.float32)
+    _rkd_angle_fwd_explicit_kernel[(n, nbx)](
+        student, teacher, flags, partial_x, *_xy_sizes(student, teacher), PREC=prec, EPS=_EPS, **xcfg
     )
+    per_anchor = partial.sum(dim=1) + partial_x.sum(dim=1)  # each anchor has one nonzero part
     if reduction == "none":
-        loss = partial.sum(dim=1) / float(n * n)
+        loss = per_anchor / float(n * n)
     elif reduction == "mean":
-        loss = partial.sum() / float(n) ** 3
+        loss = per_anchor.sum() / float(n) ** 3
     else:
-        loss = partial.sum()
+        loss = per_anchor.sum()
     return loss.to(student.dtype)
 
 

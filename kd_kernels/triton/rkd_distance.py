@@ -34,27 +34,40 @@ _CLAMP = 1e-12
 TAU = 2.0**-6
 
 # Launch configurations of every pair-tile kernel (distance passes and the angle E buffer).
-# Why: a 64x64 fp32 accumulator is 32 registers/thread at 4 warps, leaving room for the
-# second network's tile and the loads (no spills at sm_80/sm_90); BLOCK_K = 128 bytes of a row
-# per load (32 fp32 or 64 fp16/bf16 columns) is a whole number of MMA K steps; 3 stages hide
-# the global-load latency of the K loop within the default shared memory. "small_d": D <= 64
-# is one or two K steps, so fewer stages (less shared memory, more programs per SM).
+# Why: 8 warps on a 64x64 tile put 16 fp32 registers per thread in each [64, 64] tile, and two
+# or three are live at once (the first network's d^, the second's accumulator, A in the
+# backward). fp32 runs 3xTF32 (hi/lo operand splits in registers): BLOCK_K = 16 fp32 columns
+# keeps the split operands small enough for sm_80's mma.sync (32 columns spilled there) and 2
+# stages. 16-bit: BLOCK_K = 64 columns = 128-byte rows per load, 3 stages to hide load latency.
+# "small_d": D <= 64 is one or two K steps, so 2 stages (less shared memory, more programs/SM).
+# "unaligned_*": rows not 16-byte aligned (odd widths, strided views): no cp.async, so a
+# pipelined K loop would hold every stage in registers; 1 stage.
 # "interpret": 32-wide tiles, cheap to interpret, and N = 40/70 tests span several tiles.
 DISTANCE_CONFIGS = {
-    "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-    "16bit": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    "small_d": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+    "16bit": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    "small_d": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+    "unaligned_fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1),
+    "unaligned_16bit": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=1),
     "interpret": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1),
 }
 
 
+def _aligned(x: torch.Tensor) -> bool:
+    """Rows start on 16-byte boundaries and are contiguous (vector / cp.async loads)."""
+    return x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+
+
 def pick_pair_config(*xs: torch.Tensor) -> dict:
-    """The DISTANCE_CONFIGS entry for these inputs (by dtype and width)."""
+    """The DISTANCE_CONFIGS entry for these inputs (by dtype, alignment and width)."""
     if TRITON_INTERPRET:
         return DISTANCE_CONFIGS["interpret"]
+    fp32 = any(x.dtype == torch.float32 for x in xs)
+    if not all(_aligned(x) for x in xs):
+        return DISTANCE_CONFIGS["unaligned_fp32" if fp32 else "unaligned_16bit"]
     if max(x.shape[1] for x in xs) <= 64:
         return DISTANCE_CONFIGS["small_d"]
-    return DISTANCE_CONFIGS["fp32" if xs[0].dtype == torch.float32 else "16bit"]
+    return DISTANCE_CONFIGS["fp32" if fp32 else "16bit"]
 
 
 def check_inputs(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> None:
