@@ -9,6 +9,8 @@ Environment (all optional):
   KD_KERNELS_CUDA_ARCHS  compute capabilities, default "8.0;9.0+PTX" (A100, H100 + PTX for newer
                          GPUs); exported as TORCH_CUDA_ARCH_LIST, needed when no GPU is visible.
   KD_KERNELS_DEBUG       1: host -O0 -g, device -G (default: -O3, device -lineinfo for profilers).
+  KD_KERNELS_PTXAS_VERBOSE  1: add -Xptxas -v to every nvcc invocation (registers, spills, smem per
+                         kernel instantiation in the build log; read by benchmarks/compile_gate.py).
   CUDA_HOME / CUDA_PATH  the CUDA toolkit; default /usr/local/cuda, else the nvcc on PATH.
   MAX_JOBS               parallel compile jobs (default: the number of CPUs).
 """
@@ -87,6 +89,8 @@ def _cuda_extension():
     # torch 2.9, C++20 since); the sources are valid C++17. No --use_fast_math (accuracy).
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+    if os.environ.get("KD_KERNELS_PTXAS_VERBOSE", "0") == "1":
+        nvcc += ["-Xptxas", "-v"]
     ext = CUDAExtension(
         name="kd_kernels._C",
         sources=read_sources(),

@@ -16,13 +16,21 @@ mkdir -p "$OUT"
 export KD_KERNELS_BUILD_CUDA=1
 export KD_KERNELS_CUDA_ARCHS=${KD_KERNELS_CUDA_ARCHS:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export KD_KERNELS_PTXAS_VERBOSE=${KD_KERNELS_PTXAS_VERBOSE:-1}  # per-kernel ptxas lines in build.log for the gate
 status=0
 step() { echo "== $* ($(date +%T))" | tee -a "$OUT/summary.txt"; }
 
 step "build"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-"$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { echo "build failed" | tee -a "$OUT/summary.txt"; exit 1; }
+"$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { echo "build failed" | tee -a "$OUT/summary.txt"; exit 1; }
 "$PY" -c "import kd_kernels, json; print(json.dumps(kd_kernels.build_info(), indent=1))" | tee "$OUT/build_info.json"
+
+step "compile gate with this machine's toolchain (Triton + CUDA C++ ptxas log)"
+# The build log above has no ptxas -v lines unless KD_KERNELS_PTXAS_VERBOSE=1 was set for it;
+# the Triton part needs no GPU and runs on this machine's triton (API differences are reported).
+env -u TRITON_INTERPRET "$PY" benchmarks/compile_gate.py --report "$OUT/compile_gate.md" \
+  --cuda-log "$OUT/build.log" > "$OUT/compile_gate.log" 2>&1 || status=1
+tail -n 15 "$OUT/compile_gate.log" | tee -a "$OUT/summary.txt"
 
 step "tests on the GPU (every backend)"
 "$PY" -m pytest tests -q -ra -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
