@@ -1,10 +1,9 @@
-// Module init of the compiled extension kd_kernels._C.
+// Module init of the compiled extension kd_kernels._C: binds the kernels' launchers as plain
+// pybind11 functions (no torch.library ops; see include/kd_ops.h) and build_info().
 //
-// The kernels register themselves with the PyTorch dispatcher from their own files
-// (TORCH_LIBRARY_IMPL(kd_kernels, CUDA, m) in csrc/cuda/<stem>.cu) while this shared library is
-// loaded; the op schemas live in Python (kd_kernels/ops/cuda_defs.py), which this module imports
-// so that `import kd_kernels._C` alone leaves every op usable. The Python side only adds
-// build_info(): what was compiled, for which CUDA architectures and against which torch.
+// The Python custom ops of kd_kernels/ops/ call these functions from their CUDA implementation
+// (one op per loss direction; never an op inside an op). Each function checks its arguments with
+// TORCH_CHECK (RuntimeError in Python) and runs on the current CUDA stream of its inputs' device.
 //
 // Build macros (set by setup.py and CMakeLists.txt):
 //   KD_KERNELS_CUDA_ARCHS  the arch list as a bare token sequence with ':' for ';' (8.0:9.0+PTX)
@@ -12,12 +11,13 @@
 #include <cuda.h>  // CUDA_VERSION
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <torch/version.h>  // TORCH_VERSION
+#include <torch/csrc/utils/pybind.h>  // at::Tensor <-> torch.Tensor casters
+#include <torch/version.h>            // TORCH_VERSION
 
 #include <string>
 #include <vector>
 
-#include "registry.h"
+#include "kd_ops.h"
 
 #ifndef KD_KERNELS_CUDA_ARCHS
 #define KD_KERNELS_CUDA_ARCHS unknown
@@ -29,14 +29,24 @@
 #define KD_KERNELS_STR_(x) #x
 #define KD_KERNELS_STR(x) KD_KERNELS_STR_(x)
 
-namespace kd_kernels {
+namespace py = pybind11;
+using namespace pybind11::literals;
 
-std::vector<std::string>& cuda_op_names() {
+namespace kd_kernels {
+namespace {
+
+// Names of the functions bound below, in binding order: build_info()["ops"]. Filled by bind_kernel(), so
+// the list can never drift from what the module actually provides.
+std::vector<std::string>& function_names() {
   static std::vector<std::string> names;
   return names;
 }
 
-namespace {
+template <typename Fn, typename... Extra>
+void bind_kernel(py::module_& m, const char* name, Fn&& fn, const char* doc, const Extra&... extra) {
+  m.def(name, std::forward<Fn>(fn), doc, extra...);
+  function_names().emplace_back(name);
+}
 
 // "8.0:9.0+PTX" -> {"8.0", "9.0+PTX"}.
 std::vector<std::string> split_archs(const std::string& archs) {
@@ -54,13 +64,13 @@ std::vector<std::string> split_archs(const std::string& archs) {
   return out;
 }
 
-pybind11::dict build_info() {
-  pybind11::dict info;
+py::dict build_info() {
+  py::dict info;
   info["cuda_version"] = static_cast<int>(CUDA_VERSION);  // e.g. 13000 for CUDA 13.0
   info["archs"] = split_archs(KD_KERNELS_STR(KD_KERNELS_CUDA_ARCHS));
   info["torch_version_at_build"] = std::string(TORCH_VERSION);
   info["debug"] = static_cast<bool>(KD_KERNELS_DEBUG);
-  info["ops"] = cuda_op_names();
+  info["ops"] = function_names();  // the kernel functions of this module (kd_kernels._C.<name>)
   return info;
 }
 
@@ -68,9 +78,34 @@ pybind11::dict build_info() {
 }  // namespace kd_kernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "kd_kernels CUDA C++ kernels (registered as torch.ops.kd_kernels.*_cuda)";
-  // Define the schemas the CUDA kernels implement (Python owns them; see cuda_defs.py).
-  pybind11::module_::import("kd_kernels.ops.cuda_defs");
+  using namespace kd_kernels;
+  m.doc() = "kd_kernels CUDA C++ kernels: plain functions called by the custom ops of kd_kernels.ops";
+
+  // ---- Hinton KD (csrc/cuda/logit.cu) -------------------------------------------------------
+  ::kd_kernels::bind_kernel(m, "kd_fwd_cuda", &kd_fwd_cuda,
+       "(row_loss, lse_s, lse_t) [N] (float32; float64 for float64 logits) of logits [N, C]: "
+       "row_loss = T^2 KL(softmax(teacher/T) || softmax(student/T))",
+       "student"_a, "teacher"_a, "temperature"_a);
+  ::kd_kernels::bind_kernel(m, "kd_bwd_cuda", &kd_bwd_cuda,
+       "grad_student [N, C] (student's dtype) = grad_row[r] * T * (q - p)", "grad_row"_a, "student"_a, "teacher"_a,
+       "lse_s"_a, "lse_t"_a, "temperature"_a);
+
+  // ---- RKD (csrc/cuda/rkd_distance.cu, csrc/cuda/rkd_angle.cu; math in docs/rkd.md) ----------
+  ::kd_kernels::bind_kernel(m, "rkd_distance_fwd_cuda", &rkd_distance_fwd_cuda,
+       "(loss, mu_s, mu_t): loss 0-dim or [N, N] for reduction='none' (student's dtype), mu_* 0-dim float32. "
+       "float32/float16/bfloat16 inputs; precision 'tf32x3' or 'tf32' (fp32 products)",
+       "student"_a, "teacher"_a, "reduction"_a, "precision"_a);
+  ::kd_kernels::bind_kernel(m, "rkd_distance_bwd_cuda", &rkd_distance_bwd_cuda,
+       "(grad_student, grad_teacher); an unneeded gradient is an empty tensor", "grad"_a, "student"_a,
+       "teacher"_a, "mu_s"_a, "mu_t"_a, "reduction"_a, "need_student"_a, "need_teacher"_a, "precision"_a);
+  ::kd_kernels::bind_kernel(m, "rkd_angle_fwd_cuda", &rkd_angle_fwd_cuda,
+       "loss 0-dim or [N] for reduction='none' (student's dtype); precision 'tf32x3' or 'tf32'", "student"_a,
+       "teacher"_a, "reduction"_a, "precision"_a);
+  ::kd_kernels::bind_kernel(m, "rkd_angle_bwd_cuda", &rkd_angle_bwd_cuda,
+       "(grad_student, grad_teacher); an unneeded gradient is an empty tensor", "grad"_a, "student"_a,
+       "teacher"_a, "reduction"_a, "need_student"_a, "need_teacher"_a, "precision"_a);
+
   m.def("build_info", &kd_kernels::build_info,
-        "dict(cuda_version, archs, torch_version_at_build, debug, ops): how this library was built");
+        "dict(cuda_version, archs, torch_version_at_build, debug, ops): how this library was built; "
+        "ops = the kernel functions of this module");
 }

@@ -8,7 +8,15 @@ import torch
 import kd_kernels
 from kd_kernels.ops import geometry as O
 from kd_kernels.reference import geometry as R
-from kd_kernels.testing import TOLERANCES, assert_close, assert_close_2x, assert_matches_reference, value_and_grads
+from kd_kernels.testing import (
+    assert_close,
+    assert_close_2x,
+    assert_matches_reference,
+    low_precision_floor,
+    require,
+    tolerance,
+    value_and_grads,
+)
 from kd_kernels.torch_impl import geometry as T
 
 # (public function, reference, kwargs): every flag combination of every loss.
@@ -37,19 +45,28 @@ SHAPES = {
 G = torch.tensor(0.37)  # grad_output != 1
 
 
-def _pair(shape_key, dtype=torch.float64, teacher_grad=True):
+def _pair(shape_key, dtype=torch.float64, teacher_grad=True, device="cpu"):
     (ss, ts) = SHAPES[shape_key]
-    return torch.randn(ss, dtype=dtype), torch.randn(ts, dtype=dtype).requires_grad_(teacher_grad)
+    s = torch.randn(ss, dtype=dtype, device=device)
+    return s, torch.randn(ts, dtype=dtype, device=device).requires_grad_(teacher_grad)
 
 
-def _matches_reference_fp32(fn, ref, s, t, **kw):
-    """fp32 vs the fp64 reference: 2e-5 relative, with an absolute floor scaled to each tensor's
-    largest entry (entries that are sums of cancelling terms carry the rounding of the big ones)."""
-    got = value_and_grads(fn, s, t, grad_output=G, **kw)
+def _on(fn, backend):
+    """The public function ``fn`` with ``backend=backend``."""
+    return lambda a, b, **kw: fn(a, b, backend=backend, **kw)
+
+
+def _matches_reference_fp32(fn, ref, s, t, backend="torch", **kw):
+    """fp32 vs the fp64 reference: the table's rtol, with an absolute floor of rtol/10 scaled to
+    each tensor's largest entry (entries that are sums of cancelling terms carry the rounding of
+    the big ones)."""
+    rtol, _ = tolerance(torch.float32, backend)
+    got = value_and_grads(_on(fn, backend), s, t, grad_output=G, **kw)
     want = value_and_grads(ref, s, t, grad_output=G, dtype=torch.float64, **kw)
     assert got[0].dtype == torch.float32
     for g, w, what in zip(got, want, ("value", "grad student", "grad teacher")):
-        assert_close(g, w, rtol=2e-5, atol=None if w is None else 2e-6 * max(1.0, w.abs().max().item()), name=what)
+        atol = None if w is None else rtol / 10 * max(1.0, w.abs().max().item())
+        assert_close(g, w, rtol=rtol, atol=atol, name=what)
 
 
 def _rand_mask(shape, min_keep=4):
@@ -63,25 +80,25 @@ def _rand_mask(shape, min_keep=4):
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_matches_reference_fp64(case, shape):
+def test_matches_reference_fp64(backend, case, shape):
     fn, ref, kw = case
-    s, t = _pair(shape)
-    assert_matches_reference(fn, ref, s, t, grad_output=G.double(), **kw)
+    s, t = _pair(shape, device=require(backend, fn.__name__))
+    assert_matches_reference(fn, ref, s, t, grad_output=G.double(), backend=backend, **kw)
 
 
 @pytest.mark.parametrize("shape", ["dd", "nn", "batched-dd"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_matches_reference_fp32(case, shape):
+def test_matches_reference_fp32(backend, case, shape):
     fn, ref, kw = case
-    s, t = _pair(shape, torch.float32)
-    _matches_reference_fp32(fn, ref, s, t, **kw)
+    s, t = _pair(shape, torch.float32, device=require(backend, fn.__name__))
+    _matches_reference_fp32(fn, ref, s, t, backend, **kw)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_teacher_without_grad(case):
+def test_teacher_without_grad(backend, case):
     fn, ref, kw = case
-    s, t = _pair("dd", teacher_grad=False)
-    v, gs, gt = value_and_grads(fn, s, t, **kw)
+    s, t = _pair("dd", teacher_grad=False, device=require(backend, fn.__name__))
+    v, gs, gt = value_and_grads(_on(fn, backend), s, t, **kw)
     assert gt is None and t.grad is None
     rv, rgs, _ = value_and_grads(ref, s, t, **kw)
     assert_close(v, rv)
@@ -89,23 +106,25 @@ def test_teacher_without_grad(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_duplicated_rows(case):
+def test_duplicated_rows(backend, case):
     fn, ref, kw = case
-    s, t = _pair("dd")
+    s, t = _pair("dd", device=require(backend, fn.__name__))
     with torch.no_grad():
         s[3], t[3] = s[0], t[0]
         s[7], s[8], t[7], t[8] = s[1], s[1], t[1], t[1]
-    assert_matches_reference(fn, ref, s, t, **kw)
-    _matches_reference_fp32(fn, ref, s.float(), t.detach().float().requires_grad_(), **kw)
+    assert_matches_reference(fn, ref, s, t, backend=backend, **kw)
+    _matches_reference_fp32(fn, ref, s.float(), t.detach().float().requires_grad_(), backend, **kw)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_non_contiguous(case):
+def test_non_contiguous(backend, case):
     fn, ref, kw = case
-    s = torch.randn(6, 12, dtype=torch.float64).T  # [12, 6], transposed view
-    t = torch.randn(12, 10, dtype=torch.float64)[:, ::2].requires_grad_()  # [12, 5], strided view
+    device = require(backend, fn.__name__)
+    s = torch.randn(6, 12, dtype=torch.float64, device=device).T  # [12, 6], transposed view
+    t = torch.randn(12, 10, dtype=torch.float64, device=device)[:, ::2].requires_grad_()  # [12, 5], strided
     assert not s.is_contiguous() and not t.is_contiguous()
-    assert_matches_reference(fn, ref, s, t, grad_output=G.double(), **kw)
+    assert_matches_reference(fn, ref, s, t, grad_output=G.double(), backend=backend, **kw)
+    _matches_reference_fp32(fn, ref, s.float(), t.detach().float().requires_grad_(), backend, **kw)
 
 
 # ----------------------------------------------------------------------------- forms, masks, batches
@@ -295,17 +314,18 @@ def _min_rows(fn, kw):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_tiny_n(case):
+def test_tiny_n(backend, case):
     fn, ref, kw = case
+    device = require(backend, fn.__name__)
     lo = _min_rows(fn, kw)
     for n in range(1, 6):
-        s = torch.randn(n, 3, dtype=torch.float64)
-        t = torch.randn(n, 4, dtype=torch.float64, requires_grad=True)
+        s = torch.randn(n, 3, dtype=torch.float64, device=device)
+        t = torch.randn(n, 4, dtype=torch.float64, device=device, requires_grad=True)
         if n < lo:
             with pytest.raises(ValueError, match=f"N >= {lo}"):
-                fn(s, t, **kw)
+                fn(s, t, backend=backend, **kw)
         else:
-            assert_matches_reference(fn, ref, s, t, **kw)
+            assert_matches_reference(fn, ref, s, t, backend=backend, **kw)
 
 
 def test_unbiased_cka_can_exceed_one():
@@ -343,21 +363,23 @@ def test_relation_zero_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_low_precision(case, dtype):
+def test_low_precision(backend, case, dtype):
     fn, ref, kw = case
-    s = torch.randn(24, 6).to(dtype)
-    t = torch.randn(24, 5).to(dtype).requires_grad_()
-    v, gs, gt = value_and_grads(fn, s, t, **kw)
+    device = require(backend, fn.__name__)
+    s = torch.randn(24, 6, device=device).to(dtype)
+    t = torch.randn(24, 5, device=device).to(dtype).requires_grad_()
+    v, gs, gt = value_and_grads(_on(fn, backend), s, t, **kw)
     assert v.dtype == dtype and gs.dtype == dtype and gt.dtype == dtype
     rv, rgs, rgt = value_and_grads(ref, s, t, dtype=torch.float64, **kw)
     if fn is kd_kernels.procrustes_loss:  # no half-precision SVD to serve as the 2x yardstick
-        rtol, atol = TOLERANCES[dtype]
+        rtol, atol = tolerance(dtype, backend)
         for got, want in ((v, rv), (gs, rgs), (gt, rgt)):
             assert_close(got, want, rtol=rtol, atol=atol)
         return
     base = value_and_grads(ref, s, t, **kw)  # plain PyTorch in the same dtype
     for got, want, b, what in zip((v, gs, gt), (rv, rgs, rgt), base, ("value", "grad student", "grad teacher")):
-        assert_close_2x(got, want, b, name=what, floor=1e-3)
+        floor = max(1e-3, 2 * low_precision_floor(dtype) * want.abs().max().item())
+        assert_close_2x(got, want, b, name=what, floor=floor)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -11,7 +11,7 @@ from kd_kernels import functional as KF
 from kd_kernels import nn as KN
 from kd_kernels.ops import logit as logit_ops
 from kd_kernels.reference import logit as ref
-from kd_kernels.testing import assert_close, assert_close_2x, assert_matches_reference, value_and_grads
+from kd_kernels.testing import assert_close, assert_close_2x, assert_matches_reference, require, value_and_grads
 from kd_kernels.torch_impl import logit as impl
 
 DIVERGENCES = ("kd_loss", "reverse_kl_loss", "jsd_loss", "tvd_loss")
@@ -57,10 +57,15 @@ def _fns(name):
     return getattr(KF, name), getattr(ref, name)
 
 
-def _logits(n, c, dtype=torch.float64, scale=2.0, teacher_grad=True):
-    s = (scale * torch.randn(n, c, dtype=torch.float64)).to(dtype)
-    t = (scale * torch.randn(n, c, dtype=torch.float64)).to(dtype).requires_grad_(teacher_grad)
+def _logits(n, c, dtype=torch.float64, scale=2.0, teacher_grad=True, device="cpu"):
+    s = (scale * torch.randn(n, c, dtype=torch.float64, device=device)).to(dtype)
+    t = (scale * torch.randn(n, c, dtype=torch.float64, device=device)).to(dtype).requires_grad_(teacher_grad)
     return s, t
+
+
+def _on(fn, backend):
+    """The public function ``fn`` with ``backend=backend``."""
+    return lambda a, b, **kw: fn(a, b, backend=backend, **kw)
 
 
 def _grad_output(name, kwargs, n):
@@ -71,29 +76,31 @@ def _grad_output(name, kwargs, n):
 
 @pytest.mark.parametrize("name,kwargs", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_reference(name, kwargs, dtype):
+def test_matches_reference(backend, name, kwargs, dtype):
     fn, rf = _fns(name)
-    s, t = _logits(6, 13, dtype)
-    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
-    assert_matches_reference(fn, rf, s, t, grad_output=_grad_output(name, kwargs, 6), name=name, **tol, **kwargs)
+    s, t = _logits(6, 13, dtype, device=require(backend, name))
+    go = _grad_output(name, kwargs, 6)
+    assert_matches_reference(fn, rf, s, t, grad_output=go, name=name, backend=backend, **kwargs)
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("masking", ["none", "some", "all"])
-def test_reductions_and_ignore_mask(name, reduction, masking):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_reductions_and_ignore_mask(backend, name, reduction, masking, dtype):
     fn, rf = _fns(name)
+    device = require(backend, name)
     n = 7
-    s, t = _logits(n, 10)
+    s, t = _logits(n, 10, dtype, device=device)
     mask = {
         "none": None,
-        "some": torch.tensor([0, 1, 0, 0, 1, 1, 0], dtype=torch.bool),
-        "all": torch.ones(n, dtype=torch.bool),
+        "some": torch.tensor([0, 1, 0, 0, 1, 1, 0], dtype=torch.bool, device=device),
+        "all": torch.ones(n, dtype=torch.bool, device=device),
     }[masking]
     kw = {"reduction": reduction, "ignore_mask": mask}
     go = torch.randn(n, dtype=torch.float64) if reduction == "none" else torch.tensor(1.3, dtype=torch.float64)
-    assert_matches_reference(fn, rf, s, t, grad_output=go, name=name, **kw)
-    v, gs, gt = value_and_grads(fn, s, t, grad_output=go, **kw)
+    assert_matches_reference(fn, rf, s, t, grad_output=go, name=name, backend=backend, **kw)
+    v, gs, gt = value_and_grads(_on(fn, backend), s, t, grad_output=go, **kw)
     assert torch.isfinite(v).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
     if masking == "all":
         assert (v == 0).all() and (gs == 0).all() and (gt == 0).all()
@@ -155,22 +162,22 @@ def test_extreme_logits(name, kwargs):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_single_class(name):
+def test_single_class(backend, name):
     # C = 1: every distribution is the point mass, so KL/JSD/TVD are 0 and GRKD has no pairs;
     # DIST has zero-variance rows (inter term 1) and is compared with the reference.
     fn, rf = _fns(name)
-    s, t = _logits(4, 1)
-    assert_matches_reference(fn, rf, s, t, name=name)
+    s, t = _logits(4, 1, device=require(backend, name))
+    assert_matches_reference(fn, rf, s, t, name=name, backend=backend)
     if name != "dist_loss":
-        assert fn(s, t).item() == 0.0
+        assert fn(s, t, backend=backend).item() == 0.0
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_odd_num_classes(name):
+def test_odd_num_classes(backend, name):
     fn, rf = _fns(name)
-    s, t = _logits(3, 1271, torch.float32)
+    s, t = _logits(3, 1271, torch.float32, device=require(backend, name))
     kw = {"top_k": 40} if name == "grkd_loss" else {}
-    assert_matches_reference(fn, rf, s, t, name=name, rtol=1e-5, atol=1e-6, **kw)
+    assert_matches_reference(fn, rf, s, t, name=name, backend=backend, **kw)
 
 
 @pytest.mark.parametrize("kind", ["kd", "reverse_kl", "jsd", "tvd"])
@@ -398,39 +405,42 @@ def test_signatures():
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_tiny_n(name, n):
+def test_tiny_n(backend, name, n):
     fn, rf = _fns(name)
-    s, t = _logits(n, 6)
-    assert_matches_reference(fn, rf, s, t, name=name)
+    s, t = _logits(n, 6, device=require(backend, name))
+    assert_matches_reference(fn, rf, s, t, name=name, backend=backend)
 
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_duplicated_rows(name, dtype):
+def test_duplicated_rows(backend, name, dtype):
     fn, rf = _fns(name)
-    s, t = _logits(4, 7, dtype)
+    s, t = _logits(4, 7, dtype, device=require(backend, name))
     s = s[[0, 1, 1, 2, 3, 3, 3]]
     t = t.detach()[[0, 1, 1, 2, 3, 3, 3]].requires_grad_(True)
-    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
-    assert_matches_reference(fn, rf, s, t, name=name, **tol)
+    assert_matches_reference(fn, rf, s, t, name=name, backend=backend)
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_non_contiguous(name):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_non_contiguous(backend, name, dtype):
     fn, rf = _fns(name)
-    base_s, base_t = torch.randn(9, 12, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
+    device = require(backend, name)
+    base_s = torch.randn(9, 12, dtype=dtype, device=device)
+    base_t = torch.randn(12, 5, dtype=dtype, device=device)
     s = base_s[::2, ::2]  # strided view [5, 6]
     t = base_t.t()[:, 3:9].requires_grad_(True)  # transposed view [5, 6]
     assert not s.is_contiguous() and not t.is_contiguous()
-    assert_matches_reference(fn, rf, s, t, name=name)
+    assert_matches_reference(fn, rf, s, t, name=name, backend=backend)
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_teacher_without_grad(name):
-    fn = getattr(KF, name)
-    s, t = _logits(4, 6, torch.float32, teacher_grad=False)
-    v, gs, gt = value_and_grads(fn, s, t)
+def test_teacher_without_grad(backend, name):
+    fn, rf = _fns(name)
+    s, t = _logits(4, 6, torch.float32, teacher_grad=False, device=require(backend, name))
+    v, gs, gt = value_and_grads(_on(fn, backend), s, t)
     assert gt is None and gs is not None and torch.isfinite(v)
+    assert_matches_reference(fn, rf, s, t, grad_output=torch.tensor(0.37), name=name, backend=backend)
 
 
 def test_grkd_teacher_gets_no_gradient():
@@ -442,10 +452,10 @@ def test_grkd_teacher_gets_no_gradient():
 
 @pytest.mark.parametrize("name,kwargs", CASES[::2], ids=CASE_IDS[::2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision(name, kwargs, dtype):
+def test_low_precision(backend, name, kwargs, dtype):
     fn, rf = _fns(name)
-    s, t = _logits(6, 16, dtype)
-    v, gs, gt = value_and_grads(fn, s, t, **kwargs)
+    s, t = _logits(6, 16, dtype, device=require(backend, name))
+    v, gs, gt = value_and_grads(_on(fn, backend), s, t, **kwargs)
     assert v.dtype == dtype and gs.dtype == dtype and (gt is None or gt.dtype == dtype)
     rv, rgs, rgt = value_and_grads(rf, s, t, dtype=torch.float64, **kwargs)
     bv, bgs, bgt = value_and_grads(rf, s.float(), t.float(), **kwargs)  # fp32 yardstick

@@ -1,10 +1,8 @@
 // Hinton knowledge distillation (forward KL with temperature, LOSSES.md §9.1): CUDA row kernels.
 //
-// Ops (schemas in kd_kernels/ops/cuda_defs.py):
-//   kd_kernels::kd_fwd_cuda(Tensor student, Tensor teacher, float temperature)
-//       -> (Tensor row_loss, Tensor lse_s, Tensor lse_t)
-//   kd_kernels::kd_bwd_cuda(Tensor grad_row, Tensor student, Tensor teacher, Tensor lse_s, Tensor lse_t,
-//                           float temperature) -> Tensor grad_student
+// Functions of kd_kernels._C (declared in include/kd_ops.h, bound in kd_kernels.cpp):
+//   kd_fwd_cuda(student, teacher, temperature: float) -> (row_loss, lse_s, lse_t)
+//   kd_bwd_cuda(grad_row, student, teacher, lse_s, lse_t, temperature: float) -> grad_student
 // student, teacher: logits [N, C] of one floating dtype (float16, bfloat16, float32, float64).
 // row_loss, lse_s, lse_t: [N] in the accumulation type: float32, or float64 for float64 logits.
 // grad_student: [N, C] in the student's dtype. Non-contiguous inputs are copied to contiguous ones.
@@ -36,7 +34,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -44,7 +41,7 @@
 #include <tuple>
 
 #include "checks.h"
-#include "registry.h"
+#include "kd_ops.h"
 
 namespace kd_kernels {
 namespace {
@@ -220,6 +217,8 @@ at::Tensor row_stat(const at::Tensor& x, const at::Tensor& student, const char* 
   return x.to(at::toOpMathType(student.scalar_type())).contiguous();
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                            double temperature) {
   constexpr const char* op = "kd_fwd_cuda";
@@ -277,13 +276,6 @@ at::Tensor kd_bwd_cuda(const at::Tensor& grad_row, const at::Tensor& student, co
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_student;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(kd_kernels, CUDA, m) {
-  KD_KERNELS_IMPL(m, "kd_fwd_cuda", &kd_fwd_cuda);
-  KD_KERNELS_IMPL(m, "kd_bwd_cuda", &kd_bwd_cuda);
 }
 
 }  // namespace kd_kernels

@@ -1,29 +1,19 @@
-// Relational knowledge distillation (RKD, Park et al. 2019; LOSSES.md §2): CUDA kernels for the
-// distance loss and the angle loss, forward and backward, matching lenscloth/RKD exactly.
+// RKD angle loss (Park et al. 2019), forward and backward. Functions (include/kd_ops.h):
+//   rkd_angle_fwd_cuda(student, teacher, reduction, precision) -> loss (0-dim, or [N] for "none")
+//   rkd_angle_bwd_cuda(grad, student, teacher, reduction, need_student, need_teacher, precision)
+//       -> (grad_student, grad_teacher)   (an unneeded one is an empty tensor)
+// student [N, Ds], teacher [N, Dt], float32 / float16 / bfloat16 (float64: the PyTorch path).
+// Math: docs/rkd.md. If student and teacher dtypes differ, both are cast to float32.
 //
-// Ops (schemas in kd_kernels/ops/rkd_cuda_defs.py):
-//   kd_kernels::rkd_distance_fwd_cuda(Tensor student, Tensor teacher, str reduction)
-//       -> (Tensor loss, Tensor mu_s, Tensor mu_t)
-//   kd_kernels::rkd_distance_bwd_cuda(Tensor grad, Tensor student, Tensor teacher, Tensor mu_s, Tensor mu_t,
-//                                     str reduction, bool need_student, bool need_teacher)
-//       -> (Tensor grad_student, Tensor grad_teacher)
-//   kd_kernels::rkd_angle_fwd_cuda(Tensor student, Tensor teacher, str reduction) -> Tensor
-//   kd_kernels::rkd_angle_bwd_cuda(Tensor grad, Tensor student, Tensor teacher, str reduction,
-//                                  bool need_student, bool need_teacher) -> (Tensor grad_student, Tensor grad_teacher)
-// student [N, Ds], teacher [N, Dt] (Ds may differ from Dt), float16 / bfloat16 / float32 / float64.
-// loss: 0-dim for "mean" / "sum"; "none" gives the [N, N] per-pair terms (distance) or the [N]
-// per-anchor means over the N² (b, c) pairs (angle); always in the student's dtype.
-// mu_s, mu_t: 0-dim mean off-diagonal distances, float32 (float64 if either input is float64).
-// A gradient that is not asked for comes back as an empty tensor (numel 0).
-// If student and teacher dtypes differ, both are first cast to float64 if either is float64, else float32.
-//
-// Numerics. All arithmetic is in acc_t = at::opmath_type<scalar_t> (float32; float64 for float64).
-// Squared distances are summed from explicit differences, Σ_k (x_ik − x_jk)², never from a Gram
-// matrix: a duplicated row then has squared distance exactly 0 (the reference clamps it to 1e-12
-// with no gradient and normalises its zero difference vector to 0), E is exactly symmetric with an
-// exactly zero diagonal, so every degenerate angle triple gives ψ = 0 bit for bit, as in the
-// reference. The fused kernels use explicit fused multiply-adds so that a tile recomputed in the
-// backward is bit-identical to the forward's.
+// Numerics. All arithmetic is in float32. Squared distances are summed from explicit differences,
+// Σ_k (x_ik − x_jk)², never from a Gram matrix, so every pair, near duplicates included, is exact to
+// the rounding of its differences (docs/rkd.md section 4 asks the explicit route only for near anchors;
+// here every anchor takes it, which is at least as accurate). A duplicated row has squared distance
+// exactly 0 and E is exactly symmetric with a zero diagonal, so every degenerate triple gives ψ = 0
+// bit for bit. Zero-length difference vectors (|x_b − x_a| < 1e-12) get 1/|v| := 0: ψ is 0 there as
+// in the reference, and they contribute no gradient (never the reference's 1/eps = 1e12).
+// `precision` is accepted for the common signature: these kernels use no tensor cores yet
+// (FMA tiles; a tensor-core angle kernel on include/pairwise_tiles.cuh is future work).
 //
 // Shared tiling. A block of kThreads = 256 threads owns a kTile × kTile = 64 × 64 tile of (i, j)
 // pairs; thread (ty, tx) = (tid / 16, tid % 16) owns the 4 × 4 pairs i = i0 + ty + 16 r,
@@ -39,7 +29,6 @@
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -47,7 +36,14 @@
 #include <utility>
 
 #include "checks.h"
-#include "registry.h"
+#include "kd_ops.h"
+
+// float32 / float16 / bfloat16 only: float64 runs on the PyTorch path (fewer kernels to compile).
+#define KD_DISPATCH_RKD_TYPES(TYPE, NAME, ...)                          \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#define KD_DISPATCH_ACC_FLOAT(TYPE, NAME, ...) AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__))
 
 namespace kd_kernels {
 namespace {
@@ -83,7 +79,7 @@ struct GradChunk {
 
 enum class Reduction { kMean, kSum, kNone };
 
-Reduction parse_reduction(c10::string_view reduction, const char* op) {
+Reduction parse_reduction(const std::string& reduction, const char* op) {
   if (reduction == "mean") return Reduction::kMean;
   if (reduction == "sum") return Reduction::kSum;
   if (reduction == "none") return Reduction::kNone;
@@ -191,347 +187,6 @@ __device__ __forceinline__ void tile_sqdist(const scalar_t* __restrict__ x,  // 
 }
 
 // ---------------------------------------------------------------------------------------------
-// RKD distance.
-//
-// Forward (lenscloth/RKD RkdDistance; d = student distances, t = teacher distances):
-//   d_ij = sqrt(max(Σ_k (x_ik − x_jk)², 1e-12)) for i ≠ j, d_ii = 0;   μ_s = Σ_{i≠j} d_ij / (N(N−1))
-//   (likewise t, μ_t from the teacher y);   d̂ = d / μ_s,  t̂ = t / μ_t
-//   ℓ_ij = h(d̂_ij − t̂_ij)  (h = smooth-L1, beta 1);   mean = Σ ℓ / N²,  sum = Σ ℓ,  none = ℓ [N, N]
-// ("mean of d over d > 0" of the reference is the off-diagonal mean: the clamp keeps every
-// off-diagonal distance ≥ 1e-6.)
-//
-// Backward, with γ_ij = ∂L/∂ℓ_ij (grad / N², grad, or grad[i, j]), G_ij = γ_ij h'(d̂_ij − t̂_ij),
-// M = N(N−1), sums over i ≠ j:
-//   c_s = Σ G_ij d̂_ij / M,          ∂L/∂d_ij = (G_ij − c_s) / μ_s        (the μ_s path included)
-//   c_t = Σ (−G_ij) t̂_ij / M,       ∂L/∂t_ij = (−G_ij − c_t) / μ_t
-//   A_ij = (∂L/∂d_ij + ∂L/∂d_ji) / d_ij = ((γ_ij + γ_ji) h'_ij − 2 c_s) / (μ_s d_ij)
-//          for i ≠ j with unclamped d² ≥ 1e-12, else 0 (the clamp and the diagonal block the gradient)
-//   ∂L/∂x_i = Σ_j A_ij (x_i − x_j)                      (teacher: the same with the teacher's A)
-// The passes are flash-attention style: every pass recomputes its 64 × 64 distance tiles from the
-// features; nothing N × N is stored (except the "none" output itself).
-//   fwd 1: partial Σ d, Σ t per tile -> μ (reduced on the device);  fwd 2: partial Σ ℓ per tile;
-//   bwd 1: partial Σ G d̂, Σ −G t̂ per tile -> c;  bwd 2: A tiles and ∂L/∂x = Σ_j A_ij (x_i − x_j).
-// The symmetric forward passes and bwd 1 visit only tiles with bi ≤ bj: an off-diagonal tile stands
-// for itself and its mirror image (weight 2, or γ_ij + γ_ji for "none").
-// ---------------------------------------------------------------------------------------------
-
-// Pass fwd 1: per upper-triangular tile, Σ of the off-diagonal student and teacher distances
-// (a tile with bi < bj counted twice, for its mirror image). partial must be zero-initialised.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    rkd_distance_mu_kernel(const scalar_t* __restrict__ xs,  // [n, ds] student features
-                           const scalar_t* __restrict__ xt,  // [n, dt] teacher features
-                           int64_t n,                        // rows
-                           int64_t ds,                       // student features per row
-                           int64_t dt,                       // teacher features per row
-                           acc_t* __restrict__ partial) {    // [tiles², 2] out: (Σ d, Σ t) per tile
-  const int64_t bi = blockIdx.y;
-  const int64_t bj = blockIdx.x;
-  if (bj < bi) return;
-  __shared__ acc_t smem[2 * kKc * kPad];
-  __shared__ acc_t red[kWarps];
-  auto sa = reinterpret_cast<acc_t(*)[kPad]>(smem);
-  auto sb = reinterpret_cast<acc_t(*)[kPad]>(smem + kKc * kPad);
-  const int64_t i0 = bi * kTile;
-  const int64_t j0 = bj * kTile;
-  acc_t sq_s[kPer][kPer];
-  acc_t sq_t[kPer][kPer];
-  tile_sqdist(xs, n, ds, i0, j0, sa, sb, sq_s);
-  tile_sqdist(xt, n, dt, i0, j0, sa, sb, sq_t);
-  const int ty = threadIdx.x / kSub;
-  const int tx = threadIdx.x % kSub;
-  const acc_t weight = bi < bj ? acc_t(2) : acc_t(1);
-  acc_t sum_s = 0;
-  acc_t sum_t = 0;
-#pragma unroll
-  for (int r = 0; r < kPer; ++r)
-#pragma unroll
-    for (int c = 0; c < kPer; ++c) {
-      const int64_t i = i0 + ty + kSub * r;
-      const int64_t j = j0 + tx + kSub * c;
-      if (i < n && j < n && i != j) {
-        sum_s += clamped_dist(sq_s[r][c]);
-        sum_t += clamped_dist(sq_t[r][c]);
-      }
-    }
-  sum_s = block_sum(sum_s * weight, red);
-  sum_t = block_sum(sum_t * weight, red);
-  if (threadIdx.x == 0) {
-    const int64_t tile = bi * gridDim.x + bj;
-    partial[2 * tile] = sum_s;
-    partial[2 * tile + 1] = sum_t;
-  }
-}
-
-// Pass fwd 2: per upper-triangular tile, Σ ℓ_ij (weighted for the mirror tile); for "none" also
-// writes ℓ_ij and ℓ_ji into out. partial must be zero-initialised.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    rkd_distance_loss_kernel(const scalar_t* __restrict__ xs,  // [n, ds] student features
-                             const scalar_t* __restrict__ xt,  // [n, dt] teacher features
-                             int64_t n,                        // rows
-                             int64_t ds,                       // student features per row
-                             int64_t dt,                       // teacher features per row
-                             const acc_t* __restrict__ mu,     // [2] (μ_s, μ_t) from pass fwd 1
-                             acc_t* __restrict__ partial,      // [tiles²] out: Σ ℓ per tile
-                             acc_t* __restrict__ out) {        // [n, n] out: ℓ ("none"), or nullptr
-  const int64_t bi = blockIdx.y;
-  const int64_t bj = blockIdx.x;
-  if (bj < bi) return;
-  __shared__ acc_t smem[2 * kKc * kPad];
-  __shared__ acc_t red[kWarps];
-  auto sa = reinterpret_cast<acc_t(*)[kPad]>(smem);
-  auto sb = reinterpret_cast<acc_t(*)[kPad]>(smem + kKc * kPad);
-  const int64_t i0 = bi * kTile;
-  const int64_t j0 = bj * kTile;
-  acc_t sq_s[kPer][kPer];
-  acc_t sq_t[kPer][kPer];
-  tile_sqdist(xs, n, ds, i0, j0, sa, sb, sq_s);
-  tile_sqdist(xt, n, dt, i0, j0, sa, sb, sq_t);
-  const acc_t mu_s = mu[0];
-  const acc_t mu_t = mu[1];
-  const int ty = threadIdx.x / kSub;
-  const int tx = threadIdx.x % kSub;
-  acc_t sum = 0;
-#pragma unroll
-  for (int r = 0; r < kPer; ++r)
-#pragma unroll
-    for (int c = 0; c < kPer; ++c) {
-      const int64_t i = i0 + ty + kSub * r;
-      const int64_t j = j0 + tx + kSub * c;
-      if (i < n && j < n) {
-        const bool off = i != j;
-        const acc_t dh = off ? clamped_dist(sq_s[r][c]) / mu_s : acc_t(0);
-        const acc_t th = off ? clamped_dist(sq_t[r][c]) / mu_t : acc_t(0);
-        const acc_t loss = smooth_l1(dh - th);
-        sum += loss;
-        if (out != nullptr) {
-          out[i * n + j] = loss;
-          if (bi < bj) out[j * n + i] = loss;
-        }
-      }
-    }
-  sum = block_sum(sum * (bi < bj ? acc_t(2) : acc_t(1)), red);
-  if (threadIdx.x == 0) partial[bi * gridDim.x + bj] = sum;
-}
-
-// Pass bwd 1: per upper-triangular tile, Σ G_ij d̂_ij and Σ (−G_ij) t̂_ij over i ≠ j, each element
-// of a tile with bi < bj standing for (i, j) and (j, i). partial must be zero-initialised.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    rkd_distance_bwd_stats_kernel(const scalar_t* __restrict__ xs,  // [n, ds] student features
-                                  const scalar_t* __restrict__ xt,  // [n, dt] teacher features
-                                  int64_t n,                        // rows
-                                  int64_t ds,                       // student features per row
-                                  int64_t dt,                       // teacher features per row
-                                  const acc_t* __restrict__ mu,     // [2] (μ_s, μ_t) saved by the forward
-                                  const acc_t* __restrict__ grad,   // [n, n] ("none") or [1]: ∂L/∂loss
-                                  bool grad_per_pair,               // grad is [n, n] (reduction "none")
-                                  acc_t grad_scale,                 // 1/N² for "mean", else 1
-                                  acc_t* __restrict__ partial) {    // [tiles², 2] out: (Σ G d̂, Σ −G t̂)
-  const int64_t bi = blockIdx.y;
-  const int64_t bj = blockIdx.x;
-  if (bj < bi) return;
-  __shared__ acc_t smem[2 * kKc * kPad];
-  __shared__ acc_t red[kWarps];
-  auto sa = reinterpret_cast<acc_t(*)[kPad]>(smem);
-  auto sb = reinterpret_cast<acc_t(*)[kPad]>(smem + kKc * kPad);
-  const int64_t i0 = bi * kTile;
-  const int64_t j0 = bj * kTile;
-  acc_t sq_s[kPer][kPer];
-  acc_t sq_t[kPer][kPer];
-  tile_sqdist(xs, n, ds, i0, j0, sa, sb, sq_s);
-  tile_sqdist(xt, n, dt, i0, j0, sa, sb, sq_t);
-  const acc_t mu_s = mu[0];
-  const acc_t mu_t = mu[1];
-  const acc_t g0 = grad_per_pair ? acc_t(0) : grad[0] * grad_scale;
-  const int ty = threadIdx.x / kSub;
-  const int tx = threadIdx.x % kSub;
-  acc_t sum_s = 0;
-  acc_t sum_t = 0;
-#pragma unroll
-  for (int r = 0; r < kPer; ++r)
-#pragma unroll
-    for (int c = 0; c < kPer; ++c) {
-      const int64_t i = i0 + ty + kSub * r;
-      const int64_t j = j0 + tx + kSub * c;
-      if (i < n && j < n && i != j) {
-        const acc_t dh = clamped_dist(sq_s[r][c]) / mu_s;
-        const acc_t th = clamped_dist(sq_t[r][c]) / mu_t;
-        acc_t gamma;  // γ_ij, plus γ_ji for a tile that also stands for its mirror
-        if (grad_per_pair) {
-          gamma = grad[i * n + j] * grad_scale;
-          if (bi < bj) gamma += grad[j * n + i] * grad_scale;
-        } else {
-          gamma = bi < bj ? acc_t(2) * g0 : g0;
-        }
-        const acc_t g = gamma * smooth_l1_grad(dh - th);
-        sum_s += g * dh;
-        sum_t -= g * th;
-      }
-    }
-  sum_s = block_sum(sum_s, red);
-  sum_t = block_sum(sum_t, red);
-  if (threadIdx.x == 0) {
-    const int64_t tile = bi * gridDim.x + bj;
-    partial[2 * tile] = sum_s;
-    partial[2 * tile + 1] = sum_t;
-  }
-}
-
-// gx[i, :] += Σ_{j in tile} A[i][j] (x_i − x_j) for the block's 64 rows i, over all d features.
-// The A tile is in shared memory (zero where j or i is out of range); x_j chunks of GradChunk::cw
-// columns are staged in shared memory, x_i comes straight from global memory (coalesced along tx).
-// Uses atomicAdd when several blocks share the rows (a split over j), else a plain read-add-write.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void tile_apply_laplacian(const scalar_t* __restrict__ x,  // [n, d] features
-                                                     int64_t n,                        // rows
-                                                     int64_t d,                        // features per row
-                                                     int64_t i0,                       // first row i of the tile
-                                                     int64_t j0,                       // first row j of the tile
-                                                     const acc_t (*a)[kPad],           // [kTile][kPad] A tile
-                                                     acc_t (*xj)[GradChunk<acc_t>::cw],  // [kTile][cw] staging
-                                                     acc_t* __restrict__ gx,           // [n, d] gradient accumulator
-                                                     bool atomic) {                    // rows shared with other blocks
-  constexpr int cc = GradChunk<acc_t>::cc;
-  constexpr int cw = GradChunk<acc_t>::cw;
-  const int tid = threadIdx.x;
-  const int ty = tid / kSub;
-  const int tx = tid % kSub;
-  for (int64_t d0 = 0; d0 < d; d0 += cw) {
-    for (int l = tid; l < kTile * cw; l += kThreads) {
-      const int row = l / cw;
-      const int col = l % cw;
-      const int64_t gj = j0 + row;
-      const int64_t k = d0 + col;
-      xj[row][col] = (gj < n && k < d) ? static_cast<acc_t>(x[gj * d + k]) : acc_t(0);
-    }
-    acc_t xi[kPer][cc];
-    acc_t val[kPer][cc];
-#pragma unroll
-    for (int r = 0; r < kPer; ++r)
-#pragma unroll
-      for (int c = 0; c < cc; ++c) {
-        const int64_t i = i0 + ty + kSub * r;
-        const int64_t k = d0 + tx + kSub * c;
-        xi[r][c] = (i < n && k < d) ? static_cast<acc_t>(x[i * d + k]) : acc_t(0);
-        val[r][c] = acc_t(0);
-      }
-    __syncthreads();
-#pragma unroll 4
-    for (int jj = 0; jj < kTile; ++jj) {
-      acc_t av[kPer];
-      acc_t bv[cc];
-#pragma unroll
-      for (int r = 0; r < kPer; ++r) av[r] = a[ty + kSub * r][jj];
-#pragma unroll
-      for (int c = 0; c < cc; ++c) bv[c] = xj[jj][tx + kSub * c];
-#pragma unroll
-      for (int r = 0; r < kPer; ++r)
-#pragma unroll
-        for (int c = 0; c < cc; ++c) val[r][c] = fma_rn(av[r], xi[r][c] - bv[c], val[r][c]);
-    }
-#pragma unroll
-    for (int r = 0; r < kPer; ++r)
-#pragma unroll
-      for (int c = 0; c < cc; ++c) {
-        const int64_t i = i0 + ty + kSub * r;
-        const int64_t k = d0 + tx + kSub * c;
-        if (i < n && k < d) {
-          if (atomic) {
-            atomicAdd(gx + i * d + k, val[r][c]);
-          } else {
-            gx[i * d + k] += val[r][c];
-          }
-        }
-      }
-    __syncthreads();  // xj is reloaded by the next chunk
-  }
-}
-
-// Pass bwd 2: block (split, bi) visits the j tiles bj = split, split + splits, ...; per tile it
-// recomputes the distances, forms A (student and/or teacher) and adds Σ_j A_ij (x_i − x_j) to the
-// rows i of its tile. gx / gy must be zero-initialised.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    rkd_distance_grad_kernel(const scalar_t* __restrict__ xs,  // [n, ds] student features
-                             const scalar_t* __restrict__ xt,  // [n, dt] teacher features
-                             int64_t n,                        // rows
-                             int64_t ds,                       // student features per row
-                             int64_t dt,                       // teacher features per row
-                             const acc_t* __restrict__ mu,     // [2] (μ_s, μ_t) saved by the forward
-                             const acc_t* __restrict__ cst,    // [2] (c_s, c_t) from pass bwd 1
-                             const acc_t* __restrict__ grad,   // [n, n] ("none") or [1]: ∂L/∂loss
-                             bool grad_per_pair,               // grad is [n, n] (reduction "none")
-                             acc_t grad_scale,                 // 1/N² for "mean", else 1
-                             acc_t* __restrict__ gx,           // [n, ds] out: ∂L/∂student, or nullptr
-                             acc_t* __restrict__ gy,           // [n, dt] out: ∂L/∂teacher, or nullptr
-                             bool atomic) {                    // gridDim.x > 1: rows shared by blocks
-  constexpr int cw = GradChunk<acc_t>::cw;
-  // The distance staging (2 × kKc × kPad) and the A tile (kTile × kPad) are never live together.
-  static_assert(2 * kKc == kTile, "the A tile reuses the distance staging buffers");
-  __shared__ acc_t smem[kTile * kPad];
-  __shared__ acc_t xj_smem[kTile * cw];
-  auto sa = reinterpret_cast<acc_t(*)[kPad]>(smem);
-  auto sb = reinterpret_cast<acc_t(*)[kPad]>(smem + kKc * kPad);
-  auto a_tile = reinterpret_cast<acc_t(*)[kPad]>(smem);
-  auto xj = reinterpret_cast<acc_t(*)[cw]>(xj_smem);
-  const int64_t bi = blockIdx.y;
-  const int64_t i0 = bi * kTile;
-  const int64_t tiles = ceil_div(n, kTile);
-  const acc_t mu_s = mu[0];
-  const acc_t mu_t = mu[1];
-  const acc_t two_c_s = acc_t(2) * cst[0];
-  const acc_t two_c_t = acc_t(2) * cst[1];
-  const acc_t g0 = grad_per_pair ? acc_t(0) : acc_t(2) * grad[0] * grad_scale;  // γ_ij + γ_ji
-  const int ty = threadIdx.x / kSub;
-  const int tx = threadIdx.x % kSub;
-  for (int64_t bj = blockIdx.x; bj < tiles; bj += gridDim.x) {
-    const int64_t j0 = bj * kTile;
-    acc_t sq_s[kPer][kPer];
-    acc_t sq_t[kPer][kPer];
-    tile_sqdist(xs, n, ds, i0, j0, sa, sb, sq_s);
-    tile_sqdist(xt, n, dt, i0, j0, sa, sb, sq_t);
-    // A_s overwrites sq_s, A_t overwrites sq_t.
-#pragma unroll
-    for (int r = 0; r < kPer; ++r)
-#pragma unroll
-      for (int c = 0; c < kPer; ++c) {
-        const int64_t i = i0 + ty + kSub * r;
-        const int64_t j = j0 + tx + kSub * c;
-        acc_t as = 0;
-        acc_t at = 0;
-        if (i < n && j < n && i != j) {
-          const acc_t d = clamped_dist(sq_s[r][c]);
-          const acc_t t = clamped_dist(sq_t[r][c]);
-          const acc_t gamma = grad_per_pair ? (grad[i * n + j] + grad[j * n + i]) * grad_scale : g0;
-          const acc_t gh = gamma * smooth_l1_grad(d / mu_s - t / mu_t);
-          if (sq_s[r][c] >= acc_t(kSqClamp)) as = (gh - two_c_s) / (mu_s * d);
-          if (sq_t[r][c] >= acc_t(kSqClamp)) at = (-gh - two_c_t) / (mu_t * t);
-        }
-        sq_s[r][c] = as;
-        sq_t[r][c] = at;
-      }
-    if (gx != nullptr) {
-#pragma unroll
-      for (int r = 0; r < kPer; ++r)
-#pragma unroll
-        for (int c = 0; c < kPer; ++c) a_tile[ty + kSub * r][tx + kSub * c] = sq_s[r][c];
-      __syncthreads();
-      tile_apply_laplacian(xs, n, ds, i0, j0, a_tile, xj, gx, atomic);
-    }
-    if (gy != nullptr) {
-#pragma unroll
-      for (int r = 0; r < kPer; ++r)
-#pragma unroll
-        for (int c = 0; c < kPer; ++c) a_tile[ty + kSub * r][tx + kSub * c] = sq_t[r][c];
-      __syncthreads();
-      tile_apply_laplacian(xt, n, dt, i0, j0, a_tile, xj, gy, atomic);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // RKD angle.
 //
 // Forward (lenscloth/RKD RKdAngle), for anchor a and pair (b, c), via the polarization identity:
@@ -585,7 +240,7 @@ __global__ void __launch_bounds__(kThreads)
       if (i < n && j < n) {
         const acc_t norm = sqrt(sq[r][c]);
         e[i * n + j] = sq[r][c];
-        rinv[i * n + j] = acc_t(1) / (norm > acc_t(kNormEps) ? norm : acc_t(kNormEps));
+        rinv[i * n + j] = norm >= acc_t(kNormEps) ? acc_t(1) / norm : acc_t(0);  // zero-length: no gradient
       }
     }
 }
@@ -884,6 +539,10 @@ void check_pair(const at::Tensor& student, const at::Tensor& teacher, const char
   check_same_device(teacher, student, op, "teacher", "student");
   check_floating(student, op, "student");
   check_floating(teacher, op, "teacher");
+  TORCH_CHECK(student.scalar_type() != at::kDouble && teacher.scalar_type() != at::kDouble, op,
+              ": float64 inputs run on the PyTorch path (kd_kernels/torch_impl/rkd.py); the CUDA kernels take "
+              "float32, float16 or bfloat16, got student ", student.scalar_type(), " and teacher ",
+              teacher.scalar_type());
   check_dim(student, 2, op, "student", "[N, Ds]");
   check_dim(teacher, 2, op, "teacher", "[N, Dt]");
   TORCH_CHECK(teacher.size(0) == student.size(0), op, ": teacher must have the student's N = ", student.size(0),
@@ -921,101 +580,14 @@ dim3 tile_grid(int64_t tiles) {
   return dim3(static_cast<unsigned int>(tiles), static_cast<unsigned int>(tiles));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_fwd_cuda(const at::Tensor& student,
-                                                                      const at::Tensor& teacher,
-                                                                      c10::string_view reduction) {
-  constexpr const char* op = "rkd_distance_fwd_cuda";
-  check_pair(student, teacher, op, 2);
-  const Reduction red = parse_reduction(reduction, op);
-  const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor xs, xt;
-  std::tie(xs, xt) = compute_inputs(student, teacher);
-  const int64_t n = xs.size(0);
-  const int64_t ds = xs.size(1);
-  const int64_t dt = xt.size(1);
-  const int64_t tiles = ceil_div(n, kTile);
-  const auto acc_opts = xs.options().dtype(acc_dtype(student, teacher));
-  const dim3 grid = tile_grid(tiles);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor mu_partial = at::zeros({tiles * tiles, 2}, acc_opts);
-  at::Tensor loss_partial = at::zeros({tiles * tiles}, acc_opts);
-  at::Tensor none_out = red == Reduction::kNone ? at::empty({n, n}, acc_opts) : at::Tensor();
-  at::Tensor mu;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, xs.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    rkd_distance_mu_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(), n, ds, dt, mu_partial.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    mu = (mu_partial.sum(0) / static_cast<double>(n * (n - 1))).contiguous();
-    rkd_distance_loss_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(), n, ds, dt, mu.data_ptr<acc_t>(),
-        loss_partial.data_ptr<acc_t>(), none_out.defined() ? none_out.data_ptr<acc_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  at::Tensor loss;
-  if (red == Reduction::kNone) {
-    loss = none_out;
-  } else if (red == Reduction::kSum) {
-    loss = loss_partial.sum();
-  } else {
-    loss = loss_partial.sum() / static_cast<double>(n * n);
-  }
-  return {loss.to(student.scalar_type()), mu.select(0, 0).clone(), mu.select(0, 1).clone()};
+void check_precision(const std::string& precision, const char* op) {
+  TORCH_CHECK(precision == "tf32x3" || precision == "tf32", op, ": precision must be 'tf32x3' or 'tf32', got '",
+              precision, "'");
 }
 
-std::tuple<at::Tensor, at::Tensor> rkd_distance_bwd_cuda(const at::Tensor& grad, const at::Tensor& student,
-                                                         const at::Tensor& teacher, const at::Tensor& mu_s,
-                                                         const at::Tensor& mu_t, c10::string_view reduction,
-                                                         bool need_student, bool need_teacher) {
-  constexpr const char* op = "rkd_distance_bwd_cuda";
-  check_pair(student, teacher, op, 2);
-  const Reduction red = parse_reduction(reduction, op);
-  const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor grad_student = at::empty({0}, student.options());
-  at::Tensor grad_teacher = at::empty({0}, teacher.options());
-  if (!need_student && !need_teacher) return {grad_student, grad_teacher};
-  check_same_device(mu_s, student, op, "mu_s", "student");
-  check_same_device(mu_t, student, op, "mu_t", "student");
-  TORCH_CHECK(mu_s.numel() == 1 && mu_t.numel() == 1, op, ": mu_s and mu_t must have one element, got shapes ",
-              mu_s.sizes(), " and ", mu_t.sizes());
-  at::Tensor xs, xt;
-  std::tie(xs, xt) = compute_inputs(student, teacher);
-  const int64_t n = xs.size(0);
-  const int64_t ds = xs.size(1);
-  const int64_t dt = xt.size(1);
-  const int64_t tiles = ceil_div(n, kTile);
-  const at::ScalarType acc = acc_dtype(student, teacher);
-  const auto acc_opts = xs.options().dtype(acc);
-  const bool none = red == Reduction::kNone;
-  const at::Tensor g = upstream_grad(grad, student, {n, n}, none, acc, op);
-  const double scale = red == Reduction::kMean ? 1.0 / static_cast<double>(n * n) : 1.0;
-  const at::Tensor mu = at::stack({mu_s.reshape({}), mu_t.reshape({})}).to(acc).contiguous();
-  at::Tensor c_partial = at::zeros({tiles * tiles, 2}, acc_opts);
-  at::Tensor gx = need_student ? at::zeros({n, ds}, acc_opts) : at::Tensor();
-  at::Tensor gy = need_teacher ? at::zeros({n, dt}, acc_opts) : at::Tensor();
-  // Split the j tiles over blocks until about two blocks per SM run: the row tiles alone are too few
-  // for small N. A split makes the rows shared, so the accumulation turns atomic.
-  const int64_t target_blocks = 2 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  const int64_t splits = std::min<int64_t>(tiles, std::max<int64_t>(1, ceil_div(target_blocks, tiles)));
-  const dim3 grad_grid(static_cast<unsigned int>(splits), tile_grid(tiles).y);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, xs.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    rkd_distance_bwd_stats_kernel<scalar_t, acc_t><<<tile_grid(tiles), kThreads, 0, stream>>>(
-        xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(), n, ds, dt, mu.data_ptr<acc_t>(), g.data_ptr<acc_t>(), none,
-        static_cast<acc_t>(scale), c_partial.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor cst = (c_partial.sum(0) / static_cast<double>(n * (n - 1))).contiguous();
-    rkd_distance_grad_kernel<scalar_t, acc_t><<<grad_grid, kThreads, 0, stream>>>(
-        xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(), n, ds, dt, mu.data_ptr<acc_t>(), cst.data_ptr<acc_t>(),
-        g.data_ptr<acc_t>(), none, static_cast<acc_t>(scale), gx.defined() ? gx.data_ptr<acc_t>() : nullptr,
-        gy.defined() ? gy.data_ptr<acc_t>() : nullptr, splits > 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  if (need_student) grad_student = gx.to(student.scalar_type());
-  if (need_teacher) grad_teacher = gy.to(teacher.scalar_type());
-  return {grad_student, grad_teacher};
-}
+}  // namespace
+
+namespace {
 
 // E and R ([n, n], accumulation dtype) of one contiguous feature matrix.
 std::pair<at::Tensor, at::Tensor> sqdist_and_rinv(const at::Tensor& x, at::ScalarType acc) {
@@ -1024,7 +596,7 @@ std::pair<at::Tensor, at::Tensor> sqdist_and_rinv(const at::Tensor& x, at::Scala
   at::Tensor e = at::empty({n, n}, x.options().dtype(acc));
   at::Tensor r = at::empty({n, n}, x.options().dtype(acc));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "rkd_sqdist", [&] {
+  KD_DISPATCH_RKD_TYPES(x.scalar_type(), "rkd_sqdist", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     rkd_sqdist_kernel<scalar_t, acc_t><<<tile_grid(ceil_div(n, kTile)), kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), n, d, e.data_ptr<acc_t>(), r.data_ptr<acc_t>());
@@ -1033,9 +605,13 @@ std::pair<at::Tensor, at::Tensor> sqdist_and_rinv(const at::Tensor& x, at::Scala
   return {e, r};
 }
 
-at::Tensor rkd_angle_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, c10::string_view reduction) {
+}  // namespace
+
+at::Tensor rkd_angle_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const std::string& reduction,
+                              const std::string& precision) {
   constexpr const char* op = "rkd_angle_fwd_cuda";
   check_pair(student, teacher, op, 1);
+  check_precision(precision, op);
   const Reduction red = parse_reduction(reduction, op);
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor xs, xt;
@@ -1048,7 +624,7 @@ at::Tensor rkd_angle_fwd_cuda(const at::Tensor& student, const at::Tensor& teach
   std::tie(et, rt) = sqdist_and_rinv(xt, acc);
   at::Tensor partial = at::empty({n, tiles}, xs.options().dtype(acc));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
+  KD_DISPATCH_ACC_FLOAT(acc, op, [&] {
     rkd_angle_fwd_kernel<scalar_t><<<tile_grid(tiles), kThreads, 0, stream>>>(
         es.data_ptr<scalar_t>(), rs.data_ptr<scalar_t>(), et.data_ptr<scalar_t>(), rt.data_ptr<scalar_t>(), n,
         partial.data_ptr<scalar_t>());
@@ -1065,6 +641,8 @@ at::Tensor rkd_angle_fwd_cuda(const at::Tensor& student, const at::Tensor& teach
   }
   return loss.to(student.scalar_type());
 }
+
+namespace {
 
 // Launches the two angle backward kernels for one (NEED_S, NEED_T) combination.
 template <typename acc_t, bool NEED_S, bool NEED_T>
@@ -1093,11 +671,15 @@ at::Tensor laplacian_grad(const at::Tensor& w, const at::Tensor& x, at::ScalarTy
   return (2.0 * (s.sum(1, /*keepdim=*/true) * xc - s.matmul(xc))).to(out_dtype);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> rkd_angle_bwd_cuda(const at::Tensor& grad, const at::Tensor& student,
-                                                      const at::Tensor& teacher, c10::string_view reduction,
-                                                      bool need_student, bool need_teacher) {
+                                                      const at::Tensor& teacher, const std::string& reduction,
+                                                      bool need_student, bool need_teacher,
+                                                      const std::string& precision) {
   constexpr const char* op = "rkd_angle_bwd_cuda";
   check_pair(student, teacher, op, 1);
+  check_precision(precision, op);
   const Reduction red = parse_reduction(reduction, op);
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad_student = at::empty({0}, student.options());
@@ -1116,7 +698,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_bwd_cuda(const at::Tensor& grad, co
   std::tie(et, rt) = sqdist_and_rinv(xt, acc);
   at::Tensor ws = need_student ? at::empty({n, n}, xs.options().dtype(acc)) : at::Tensor();
   at::Tensor wt = need_teacher ? at::empty({n, n}, xs.options().dtype(acc)) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(acc, op, [&] {
+  KD_DISPATCH_ACC_FLOAT(acc, op, [&] {
     if (need_student && need_teacher) {
       launch_angle_bwd<scalar_t, true, true>(es, rs, et, rt, g, none, scale, ws, wt);
     } else if (need_student) {
@@ -1128,15 +710,6 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_bwd_cuda(const at::Tensor& grad, co
   if (need_student) grad_student = laplacian_grad(ws, xs, student.scalar_type());
   if (need_teacher) grad_teacher = laplacian_grad(wt, xt, teacher.scalar_type());
   return {grad_student, grad_teacher};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(kd_kernels, CUDA, m) {
-  KD_KERNELS_IMPL(m, "rkd_distance_fwd_cuda", &rkd_distance_fwd_cuda);
-  KD_KERNELS_IMPL(m, "rkd_distance_bwd_cuda", &rkd_distance_bwd_cuda);
-  KD_KERNELS_IMPL(m, "rkd_angle_fwd_cuda", &rkd_angle_fwd_cuda);
-  KD_KERNELS_IMPL(m, "rkd_angle_bwd_cuda", &rkd_angle_bwd_cuda);
 }
 
 }  // namespace kd_kernels

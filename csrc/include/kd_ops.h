@@ -1,0 +1,52 @@
+// The functions that kd_kernels._C exposes to Python, declared once for the kernel files (which
+// define them) and for kd_kernels.cpp (which binds them with pybind11).
+//
+// Scheme ("no op inside an op"): the kernels are plain C++ functions bound as plain pybind11
+// functions of the module kd_kernels._C, e.g. `kd_kernels._C.rkd_angle_fwd_cuda(s, t, "mean",
+// "tf32x3")`. They are not torch.library ops: the Python custom ops of kd_kernels/ops/ call them from
+// their CUDA implementation, so the dispatcher sees one op per loss direction, not one op inside
+// another. Adding a function = its declaration here + its definition in csrc/cuda/<stem>.cu + one
+// KD_KERNELS_FUNCTIONS line in kd_kernels.cpp (see csrc/README.md).
+//
+// The .cu files include only this header and the small ATen headers: nvcc never sees pybind11.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <tuple>
+
+namespace kd_kernels {
+
+// ---- Hinton KD (csrc/cuda/logit.cu) --------------------------------------------------------
+// student, teacher: logits [N, C], one dtype (float16, bfloat16, float32, float64).
+// Returns (row_loss, lse_s, lse_t), each [N] in float32 (float64 for float64 logits).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                           double temperature);
+// grad_student [N, C] in the student's dtype: grad_row[r] · T · (q − p).
+at::Tensor kd_bwd_cuda(const at::Tensor& grad_row, const at::Tensor& student, const at::Tensor& teacher,
+                       const at::Tensor& lse_s, const at::Tensor& lse_t, double temperature);
+
+// ---- RKD (csrc/cuda/rkd_distance.cu, csrc/cuda/rkd_angle.cu) --------------------------------
+// student [N, Ds], teacher [N, Dt], float32 / float16 / bfloat16 (float64 is the torch path's);
+// reduction "mean" | "sum" | "none"; precision "tf32x3" | "tf32" (fp32 products; ignored for
+// half/bf16). Unneeded gradients are empty tensors (numel 0). Semantics: docs/rkd.md.
+// (loss, mu_s, mu_t): loss 0-dim or [N, N] ("none") in the student's dtype; mu_* 0-dim float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_fwd_cuda(const at::Tensor& student,
+                                                                      const at::Tensor& teacher,
+                                                                      const std::string& reduction,
+                                                                      const std::string& precision);
+std::tuple<at::Tensor, at::Tensor> rkd_distance_bwd_cuda(const at::Tensor& grad, const at::Tensor& student,
+                                                         const at::Tensor& teacher, const at::Tensor& mu_s,
+                                                         const at::Tensor& mu_t, const std::string& reduction,
+                                                         bool need_student, bool need_teacher,
+                                                         const std::string& precision);
+// loss: 0-dim or [N] ("none": per-anchor means over the N² (b, c) pairs) in the student's dtype.
+at::Tensor rkd_angle_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const std::string& reduction,
+                              const std::string& precision);
+std::tuple<at::Tensor, at::Tensor> rkd_angle_bwd_cuda(const at::Tensor& grad, const at::Tensor& student,
+                                                      const at::Tensor& teacher, const std::string& reduction,
+                                                      bool need_student, bool need_teacher,
+                                                      const std::string& precision);
+
+}  // namespace kd_kernels
