@@ -47,6 +47,19 @@ ANGLE_CONFIGS = {
 }
 TARGET_PROGRAMS = 1024
 
+# Compile-gate spill allowances (bytes of spill stores + loads per thread), each with its why.
+# _rkd_angle_bwd_explicit_kernel: the v-form backward of near anchors (docs/rkd.md section 4)
+#   holds both networks' explicit psi tiles, their norms and the g accumulator at once; at the
+#   odd (unaligned, 1-stage) shape it spills 140-316 B stores per thread (sm_80/sm_90). It runs
+#   only for anchors with a near-duplicate row (rare), so the spill costs nothing in the common
+#   case; the next step is BLOCK_K=16 or splitting student and teacher into two programs.
+# _rkd_angle_bwd_kernel: the E-route backward, fp32 on sm_80 at the odd shape only (52 B,
+#   seen in --full mode; sm_90 and the aligned shape are clean).
+GATE_SPILL_ALLOWANCE = {
+    "_rkd_angle_bwd_explicit_kernel": (600, "near-anchor v-form backward, rare path; see comment"),
+    "_rkd_angle_bwd_kernel": (128, "fp32 sm_80 odd shape only; see comment"),
+}
+
 
 def pick_angle_config(kind: str) -> dict:
     """The ANGLE_CONFIGS entry of a triple kernel: ``kind`` is "e_route" or "explicit"."""
