@@ -277,20 +277,6 @@ def test_angle_n1_is_zero(backend, dtype):
         assert v.abs().max() == 0
 
 
-def test_row_keys():
-    x = torch.randn(6, 5)
-    x[4] = x[1]
-    x[2, 0], x[5] = 0.0, x[2]
-    x[5, 0] = -0.0  # equal value, different bits
-    x[3] = x[1]
-    x[3, 2] = torch.nextafter(x[1, 2], torch.tensor(1e9))  # one ulp apart
-    k = impl.row_keys(x)
-    assert k[4] == k[1] and k[5] == k[2]
-    assert len(set(k[[0, 1, 2, 3]].tolist())) == 4
-    kd = impl.row_keys(x.double())
-    assert kd[4] == kd[1] and kd[5] == kd[2] and kd[3] != kd[1]
-
-
 # ---------------------------------------------------------------------- autograd, ops, compile
 
 
