@@ -141,10 +141,14 @@ def test_exact_duplicates_student_only(backend, kind):
 @pytest.mark.parametrize("kind", ["distance", "angle"])
 def test_all_rows_identical(backend, kind, n):
     """A whole batch of one row (in both networks): the reference's value and gradients
-    (NaN for the distance loss at N = 1, as the reference's empty mean)."""
+    (the distance loss rejects N = 1: its mean over pairs would be empty)."""
     fn, rfn = _public(kind, backend)
     s = torch.randn(1, 7).expand(n, 7).contiguous() + 2
     t = torch.randn(1, 5).expand(n, 5).contiguous()
+    if kind == "distance" and n == 1:
+        with pytest.raises(ValueError, match="N >= 2"):
+            fn(s, t)
+        return
     for reduction in ("mean", "none"):
         go = _grad_output(kind, n, reduction)
         v, gs, gt = _run(fn, s, t, go, reduction=reduction)
