@@ -7,7 +7,7 @@
 #   PYTHON        the interpreter that builds the wheel; it must have torch (default .venv/bin/python)
 #   TORCH_SPEC    torch for the fresh venv (default: the build interpreter's torch version, since the
 #                 extension only loads under the torch it was built against)
-#   WHEEL_DIR     where the wheel goes (default /tmp/kdwheel, emptied first)
+#   WHEEL_DIR     where the wheel and its build log (build.log) go (default /tmp/kdwheel, emptied first)
 #   WHEEL_VENV    the fresh venv (default /tmp/kd_wheel_venv, recreated)
 #   CUDA_HOME, KD_KERNELS_CUDA_ARCHS, MAX_JOBS   as for setup.py
 set -euo pipefail
@@ -23,8 +23,17 @@ export PATH="$CUDA_HOME/bin:$PATH"
 start=$(date +%s)
 
 echo "== building the wheel ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
-rm -rf "$WHEEL_DIR"
-"$PY" -m pip wheel --quiet --no-build-isolation --no-deps -w "$WHEEL_DIR" .
+rm -rf "$WHEEL_DIR" && mkdir -p "$WHEEL_DIR"
+# KD_KERNELS_PTXAS_VERBOSE=1 adds -Xptxas -v: the build log ($WHEEL_DIR/build.log) carries the
+# registers / spills / smem of every kernel instantiation, read by the CUDA C++ part of the compile
+# gate (.ci/run: benchmarks/compile_gate.py --cuda-log).
+if ! KD_KERNELS_PTXAS_VERBOSE=1 "$PY" -m pip wheel -v --no-build-isolation --no-deps -w "$WHEEL_DIR" . \
+    > "$WHEEL_DIR/build.log" 2>&1; then
+  tail -n 60 "$WHEEL_DIR/build.log" >&2
+  echo "FAIL: the wheel build failed (log: $WHEEL_DIR/build.log)" >&2
+  exit 1
+fi
+echo "== ptxas -v lines in the build log: $(grep -c 'ptxas info' "$WHEEL_DIR/build.log" || true)"
 wheel=$(ls "$WHEEL_DIR"/kd_kernels-*.whl)
 built=$(date +%s)
 echo "== built $(basename "$wheel") in $((built - start)) s, $(du -h "$wheel" | cut -f1)"

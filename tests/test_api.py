@@ -1,4 +1,4 @@
-"""The public API against the contract in spec/API.md: names, argument order, defaults,
+"""The public API against the API contract (the README's API section): names, argument order, defaults,
 function <-> module parity, backend handling, build information, and every public
 function under torch.compile(fullgraph=True)."""
 
@@ -14,8 +14,8 @@ import kd_kernels.functional as KF
 import kd_kernels.nn as KN
 from kd_kernels.testing import assert_close
 
-# API.md, transcribed: function -> (module, positional tensors, keyword-only defaults in order).
-# Per-batch tensors that API.md lists beside the table (geometry `mask`, logit
+# The API contract, transcribed: function -> (module, positional tensors, keyword-only defaults in order).
+# Per-batch tensors that the contract lists beside the table (geometry `mask`, logit
 # `ignore_mask`) are keyword arguments of the function and forward() arguments of the module.
 LOGIT = ("student_logits", "teacher_logits")
 API = {

@@ -1,4 +1,4 @@
-// Hinton knowledge distillation (forward KL with temperature, LOSSES.md §9.1): CUDA row kernels.
+// Hinton knowledge distillation (forward KL with temperature; math: docs/logit.md): CUDA row kernels.
 //
 // Functions of kd_kernels._C (declared in include/kd_ops.h, bound in kd_kernels.cpp):
 //   kd_fwd_cuda(student, teacher, temperature: float) -> (row_loss, lse_s, lse_t)
@@ -18,7 +18,7 @@
 // states the same way, and Σ_c p_c (u_t,c − u_s,c) = A / S_t. Classes with p_c = 0 (teacher logit
 // −inf) contribute 0, as 0·log 0 = 0 in KL.
 //
-// Gradient (LOSSES.md §1, softmax backward; §9.1 gives ∂L/∂z_s = T·(q − p)/N for the batch mean):
+// Gradient (softmax backward; for the batch mean ∂L/∂z_s = T·(q − p)/N):
 //   ∂ KL(p‖q) / ∂z_s,c = (q_c − p_c) / T, so
 //   ∂ row_loss / ∂z_s,c = T² · (q_c − p_c) / T = T · (q_c − p_c), and
 //   grad_student[r, c] = grad_row[r] · T · (q_c − p_c),

@@ -3,320 +3,196 @@
 //   rkd_angle_bwd_cuda(grad, student, teacher, reduction, need_student, need_teacher, precision)
 //       -> (grad_student, grad_teacher)   (an unneeded one is an empty tensor)
 // student [N, Ds], teacher [N, Dt], float32 / float16 / bfloat16 (float64: the PyTorch path).
-// Math: docs/rkd.md. If student and teacher dtypes differ, both are cast to float32.
+// Math: docs/rkd.md sections 3 and 4; the semantics are those of kd_kernels/torch_impl/rkd.py.
+// If student and teacher dtypes differ, both are cast to float32.
 //
-// Numerics. All arithmetic is in float32. Squared distances are summed from explicit differences,
-// Σ_k (x_ik − x_jk)², never from a Gram matrix, so every pair, near duplicates included, is exact to
-// the rounding of its differences (docs/rkd.md section 4 asks the explicit route only for near anchors;
-// here every anchor takes it, which is at least as accurate). A duplicated row has squared distance
-// exactly 0 and E is exactly symmetric with a zero diagonal, so every degenerate triple gives ψ = 0
-// bit for bit. Zero-length difference vectors (|x_b − x_a| < 1e-12) get 1/|v| := 0: ψ is 0 there as
-// in the reference, and they contribute no gradient (never the reference's 1/eps = 1e12).
-// `precision` is accepted for the common signature: these kernels use no tensor cores yet
-// (FMA tiles; a tensor-core angle kernel on include/pairwise_tiles.cuh is future work).
+// Routes (docs/rkd.md section 4), per call:
+//  1. E buffer, per network, on tensor-core Gram tiles (include/pairwise_tiles.cuh; precision policy
+//     docs/precision.md): E_ij = s_i + s_j − 2 x~_i·x~_j, explicit differences of the original rows
+//     for near pairs (E_ij < TAU (s_i + s_j)), E_ii = 0; R_ij = 1/max(sqrt(E_ij), 1e-12) for E_ij > 0,
+//     else 0 (a zero-length difference: ψ = 0 as in the reference, and no gradient). Anchors with a
+//     near pair in the student OR the teacher are flagged (int32 [N], plain stores of 1).
+//  2. E route for every other anchor: the N³ kernels below (FMA: ψ is not a dot product), via the
+//     polarization identity ψ_abc = (E_ab + E_ac − E_bc) / 2 · R_ab R_ac. Flagged anchors are skipped.
+//  3. Explicit route for flagged anchors (rare), upstream's formula on explicit differences
+//     v_b = x_b − x_a (fp32), in ATen (batched GEMMs on the current stream). Listing the flagged
+//     anchors is the one host synchronisation of these functions (a nonzero over [N] flags).
+// Backward of the E route: W = ∂L/∂E from two N³ kernels, A = 2 (W + Wᵀ) with a zero diagonal,
+// ∂L/∂X = rowsum(A) x~ − A x~ on tensor cores (rkd_laplacian_pass, csrc/cuda/rkd_distance.cu).
 //
-// Shared tiling. A block of kThreads = 256 threads owns a kTile × kTile = 64 × 64 tile of (i, j)
-// pairs; thread (ty, tx) = (tid / 16, tid % 16) owns the 4 × 4 pairs i = i0 + ty + 16 r,
+// Tiling of the N³ kernels. A block of kThreads = 256 threads owns a kTile × kTile = 64 × 64 tile of
+// (i, j) pairs; thread (ty, tx) = (tid / 16, tid % 16) owns the 4 × 4 pairs i = i0 + ty + 16 r,
 // j = j0 + tx + 16 c (r, c < 4): strided rather than blocked so that shared-memory reads are
 // conflict-free (the 16 tx of a half-warp read 16 consecutive words).
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/stack.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <tuple>
-#include <utility>
+#include <type_traits>
 
-#include "checks.h"
 #include "kd_ops.h"
-
-// float32 / float16 / bfloat16 only: float64 runs on the PyTorch path (fewer kernels to compile).
-#define KD_DISPATCH_RKD_TYPES(TYPE, NAME, ...)                          \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-#define KD_DISPATCH_ACC_FLOAT(TYPE, NAME, ...) AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__))
+#include "pairwise_tiles.cuh"
+#include "rkd_common.cuh"
 
 namespace kd_kernels {
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// Tiling constants.
-// ---------------------------------------------------------------------------------------------
-constexpr int kThreads = 256;          // 16 × 16 threads: enough warps to hide shared-memory latency
-constexpr int kSub = 16;               // threads along each side of the tile
-constexpr int kPer = 4;                // pairs per thread along each side (kSub · kPer = kTile)
-constexpr int kTile = kSub * kPer;     // 64: a 64 × 64 tile reuses each loaded row 64 times
-constexpr int kKc = 32;                // feature chunk of the distance tiles: 32 consecutive loads per row
-constexpr int kPad = kTile + 1;        // padded row length: column-wise stores hit distinct banks
-constexpr int kWarps = kThreads / 32;  // warps per block, for block reductions
-// Both eps of the reference: pdist clamps d² at 1e-12; F.normalize clamps the norm at 1e-12.
-constexpr double kSqClamp = 1e-12;
-constexpr double kNormEps = 1e-12;
+using tiles::kGramLd;
+using tiles::kTileM;
+using tiles::kTileThreads;
 
-// Anchor chunk of the angle kernels: 6 (forward) or 8 (backward) rows of kTile values per anchor
-// are staged in shared memory; 16 anchors of float32 (8 of float64) keep that under 32 KB.
-template <typename acc_t>
-struct AngleChunk {
-  static constexpr int kc = sizeof(acc_t) == 8 ? 8 : 16;
-};
-
-// Feature chunk of the distance backward's A·X product: 64 columns of float32 (4 per thread), 16 of
-// float64 (1 per thread) so that the A tile plus the X chunk stay under the 48 KB static limit.
-template <typename acc_t>
-struct GradChunk {
-  static constexpr int cc = sizeof(acc_t) == 8 ? 1 : 4;  // columns per thread
-  static constexpr int cw = kSub * cc;                    // columns per chunk
-};
-
-enum class Reduction { kMean, kSum, kNone };
-
-Reduction parse_reduction(const std::string& reduction, const char* op) {
-  if (reduction == "mean") return Reduction::kMean;
-  if (reduction == "sum") return Reduction::kSum;
-  if (reduction == "none") return Reduction::kNone;
-  TORCH_CHECK(false, op, ": reduction must be one of 'mean', 'sum', 'none', got '", std::string(reduction), "'");
-  return Reduction::kMean;  // unreachable
-}
-
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int kThreads = 256;       // N³ kernels: 16 × 16 threads, enough warps to hide shared-memory latency
+constexpr int kSub = 16;            // threads along each side of the tile
+constexpr int kPer = 4;             // pairs per thread along each side (kSub · kPer = kTile)
+constexpr int kTile = kSub * kPer;  // 64: a 64 × 64 tile reuses each staged row 64 times
+constexpr int kChunk = 16;          // rows k staged per step: 6 (fwd) or 8 (bwd) × 16 × 64 fp32 <= 32 KB
+// Explicit route: about 2^24 fp32 elements (64 MB) per batch of anchors ([B, N, max(D, N)]).
+constexpr int64_t kExplicitElems = int64_t(1) << 24;
+static_assert(kTile == kTileM, "the E buffer and the N³ kernels share one tile size");
 
 // ---------------------------------------------------------------------------------------------
-// Device helpers.
+// 1. E buffer (one network): block (bj, bi) computes the 64 × 64 Gram tile and its E, R entries.
+// Thread t owns the pairs (r, c) = (t / 64 + 2 q, t % 64), q < 32: coalesced row segments.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
-
-// smooth-L1 with beta 1: h(x) = x²/2 for |x| < 1, |x| − 1/2 otherwise; h'(x) = clamp(x, −1, 1).
-template <typename T>
-__device__ __forceinline__ T smooth_l1(T x) {
-  const T ax = fabs(x);
-  return ax < T(1) ? T(0.5) * x * x : ax - T(0.5);
-}
-template <typename T>
-__device__ __forceinline__ T smooth_l1_grad(T x) {
-  return x < T(-1) ? T(-1) : (x > T(1) ? T(1) : x);
-}
-
-// The reference's distance from a squared distance: sqrt(clamp(d², min=1e-12)).
-template <typename T>
-__device__ __forceinline__ T clamped_dist(T sq) {
-  return sqrt(sq > T(kSqClamp) ? sq : T(kSqClamp));
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// Sum of v over the block; the result is valid in thread 0. `red` holds kWarps values.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* red) {
-  v = warp_sum(v);
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  __syncthreads();  // red may still be read by a previous call
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kWarps ? red[threadIdx.x] : T(0);
-  if (warp == 0) v = warp_sum(v);
-  return v;
-}
-
-// Squared distances of one 64 × 64 tile, from explicit differences:
-//   acc[r][c] = Σ_k (x[i, k] − x[j, k])²,  i = i0 + ty + 16 r,  j = j0 + tx + 16 c.
-// Rows at or past n read as zeros (their results are garbage and must be masked by the caller).
-// The features are streamed in chunks of kKc columns through shared memory, stored transposed
-// (sa[k][row]) so that each thread reads its 4 + 4 operands with broadcasts / consecutive words.
-// Ends with a __syncthreads(), so the caller may reuse sa / sb at once.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void tile_sqdist(const scalar_t* __restrict__ x,  // [n, d] row-major features
-                                            int64_t n,                        // rows
-                                            int64_t d,                        // features per row
-                                            int64_t i0,                       // first row of the tile
-                                            int64_t j0,                       // first column of the tile
-                                            acc_t (*sa)[kPad],                // [kKc][kPad] staging of rows i
-                                            acc_t (*sb)[kPad],                // [kKc][kPad] staging of rows j
-                                            acc_t (&acc)[kPer][kPer]) {       // out: the thread's 4 × 4 values
-  const int tid = threadIdx.x;
-  const int ty = tid / kSub;
-  const int tx = tid % kSub;
-#pragma unroll
-  for (int r = 0; r < kPer; ++r)
-#pragma unroll
-    for (int c = 0; c < kPer; ++c) acc[r][c] = acc_t(0);
-  for (int64_t k0 = 0; k0 < d; k0 += kKc) {
-    for (int l = tid; l < kKc * kTile; l += kThreads) {
-      const int row = l / kKc;
-      const int kk = l % kKc;
-      const int64_t k = k0 + kk;
-      const int64_t gi = i0 + row;
-      const int64_t gj = j0 + row;
-      sa[kk][row] = (gi < n && k < d) ? static_cast<acc_t>(x[gi * d + k]) : acc_t(0);
-      sb[kk][row] = (gj < n && k < d) ? static_cast<acc_t>(x[gj * d + k]) : acc_t(0);
+template <typename scalar_t, bool kSplit>
+__global__ void __launch_bounds__(kTileThreads, kMinBlocks)
+    rkd_angle_gram_kernel(const scalar_t* __restrict__ x,   // [n, d] original rows
+                          const float* __restrict__ mean,   // [d] column means
+                          const float* __restrict__ sq,     // [n] |x~_i|² (centred rows as rounded for the MMA)
+                          int64_t n,                        // rows
+                          int64_t d,                        // features
+                          float* __restrict__ e,            // [n, n] out: squared distances
+                          float* __restrict__ rinv,         // [n, n] out: R (0 for zero-length differences)
+                          int* __restrict__ flag) {         // [n] in/out: 1 for near anchors (both networks)
+  __shared__ tiles::GramStage<scalar_t> stage;
+  __shared__ alignas(32) float g[kTileM * kGramLd];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTileM;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTileM;
+  tiles::gram_tile<scalar_t, kSplit>(x, mean, n, d, i0, j0, stage, g);
+  const int c = threadIdx.x % kTileM;
+  const int64_t j = j0 + c;
+  for (int q = 0; q < kTileM / 2; ++q) {
+    const int r = threadIdx.x / kTileM + 2 * q;
+    const int64_t i = i0 + r;
+    if (i >= n || j >= n) continue;
+    float ev = 0.0f;
+    if (i != j) {
+      bool near = false;
+      ev = fmaxf(pair_sqdist(x, sq, d, i, j, g[r * kGramLd + c], &near), 0.0f);
+      if (near) {  // near is symmetric in exact arithmetic; flag both ends so the set is too
+        flag[i] = 1;
+        flag[j] = 1;
+      }
     }
-    __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < kKc; ++kk) {
-      acc_t a[kPer];
-      acc_t b[kPer];
-#pragma unroll
-      for (int r = 0; r < kPer; ++r) a[r] = sa[kk][ty + kSub * r];
-#pragma unroll
-      for (int c = 0; c < kPer; ++c) b[c] = sb[kk][tx + kSub * c];
-#pragma unroll
-      for (int r = 0; r < kPer; ++r)
-#pragma unroll
-        for (int c = 0; c < kPer; ++c) {
-          const acc_t diff = a[r] - b[c];
-          acc[r][c] = fma_rn(diff, diff, acc[r][c]);
-        }
-    }
-    __syncthreads();
+    e[i * n + j] = ev;
+    rinv[i * n + j] = ev > 0.0f ? 1.0f / fmaxf(sqrtf(ev), kSqClamp) : 0.0f;
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// RKD angle.
-//
-// Forward (lenscloth/RKD RKdAngle), for anchor a and pair (b, c), via the polarization identity:
-//   E_ab = Σ_k (x_ak − x_bk)²  (exact, from differences; E symmetric, E_aa = 0)
-//   n_ab = max(sqrt(E_ab), 1e-12),  R_ab = 1 / n_ab                      (F.normalize's eps)
-//   ψ_abc = <x_b − x_a, x_c − x_a> / (n_ab n_ac) = (E_ab + E_ac − E_bc) / 2 · R_ab R_ac
-//   ℓ_abc = h(ψˢ_abc − ψᵗ_abc);  mean = Σ ℓ / N³,  sum = Σ ℓ,  none[a] = Σ_bc ℓ_abc / N²
-// Degenerate triples (b = a, c = a, or a duplicated row) give E_ab + E_ac − E_bc = 0 exactly, hence
-// ψ = 0, for both networks: zero loss and, since h'(0) = 0, zero gradient, but counted in N³.
-//
+// 2. E route (docs/rkd.md section 3), anchor a not flagged:
+//   ψ_abc = (E_ab + E_ac − E_bc) / 2 · R_ab R_ac,  ℓ_abc = h(ψˢ_abc − ψᵗ_abc)
+//   mean = Σ ℓ / N³,  sum = Σ ℓ,  none[a] = Σ_bc ℓ_abc / N²
 // Backward, with g_a = ∂L/∂ℓ_a.. (grad / N³, grad, or grad[a] / N²), G_abc = g_a h'(ψˢ − ψᵗ),
-// q_ab = 1/E_ab where sqrt(E_ab) ≥ 1e-12 (else 0: the clamped norm has no gradient),
-// and the entries of E treated as independent variables W_ij = ∂L/∂E_ij:
-//   ∂ψ_abc/∂E_ab = R_ab R_ac / 2 − ψ_abc q_ab / 2  (∂ψ_abc/∂E_ac likewise),  ∂ψ_abc/∂E_bc = −R_ab R_ac / 2
-//   W_ab = Σ_c G_abc (R_ab R_ac − ψ_abc q_ab)        (the anchor rows; G, ψ symmetric in b, c)
-//        − ½ Σ_k G_kab R_ka R_kb                     (the pair entries, summed over anchors k)
-//   ∂L/∂x_i = Σ_j (W_ij + W_ji) ∂E_ij/∂x_i = 2 Σ_j S_ij (x_i − x_j),   S = W + Wᵀ
-// i.e. ∂L/∂X = 2 (diag(S 1) − S) X_c: one GEMM (X_c = X minus its column mean; the Laplacian is
-// translation invariant, centring only removes cancellation). The teacher's gradient is the same
-// with the teacher's E, R, ψ and G → −G.
-// Three kernels, all over 64 × 64 tiles (i, j) that loop over a third index k, reading row k of
-// E and R (E_ki = E_ik: both tile slices of row k are contiguous):
-//   rkd_angle_fwd_kernel      anchor i: ψ_ijk, Σ_k ℓ per (i, j); per-anchor row partials
-//   rkd_angle_bwd_anchor_kernel  anchor i: W_ij  = Σ_k G_ijk (R_ij R_ik − ψ_ijk q_ij)
-//   rkd_angle_bwd_pair_kernel    anchor k: W_ij += −½ Σ_k G_kij R_ki R_kj
+// q_ab = R_ab² where E_ab >= 1e-24 (else 0: the clamped norm has no gradient), W_ij = ∂L/∂E_ij:
+//   W_ab = Σ_c G_abc (R_ab R_ac − ψ_abc q_ab)   (anchor rows: rkd_angle_bwd_anchor_kernel)
+//        − ½ Σ_k G_kab R_ka R_kb                (pair entries over anchors k: rkd_angle_bwd_pair_kernel)
+// and the teacher's W the same with its E, R, ψ and G → −G. The kernels loop over a third index k,
+// reading row k of E and R (E_ki = E_ik: both tile slices of row k are contiguous).
 // ---------------------------------------------------------------------------------------------
 
-// E and R of one feature matrix: E[i, j] = Σ_k (x_ik − x_jk)², R[i, j] = 1 / max(sqrt(E[i, j]), 1e-12).
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    rkd_sqdist_kernel(const scalar_t* __restrict__ x,  // [n, d] features
-                      int64_t n,                       // rows
-                      int64_t d,                       // features per row
-                      acc_t* __restrict__ e,           // [n, n] out: squared distances
-                      acc_t* __restrict__ rinv) {      // [n, n] out: inverse clamped norms
-  __shared__ acc_t smem[2 * kKc * kPad];
-  auto sa = reinterpret_cast<acc_t(*)[kPad]>(smem);
-  auto sb = reinterpret_cast<acc_t(*)[kPad]>(smem + kKc * kPad);
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  acc_t sq[kPer][kPer];
-  tile_sqdist(x, n, d, i0, j0, sa, sb, sq);
-  const int ty = threadIdx.x / kSub;
-  const int tx = threadIdx.x % kSub;
-#pragma unroll
-  for (int r = 0; r < kPer; ++r)
-#pragma unroll
-    for (int c = 0; c < kPer; ++c) {
-      const int64_t i = i0 + ty + kSub * r;
-      const int64_t j = j0 + tx + kSub * c;
-      if (i < n && j < n) {
-        const acc_t norm = sqrt(sq[r][c]);
-        e[i * n + j] = sq[r][c];
-        rinv[i * n + j] = norm >= acc_t(kNormEps) ? acc_t(1) / norm : acc_t(0);  // zero-length: no gradient
-      }
-    }
-}
-
-// Stages rows k0 .. k0 + kc − 1 of `m`, restricted to the columns c0 .. c0 + 63, into s[kk][col]
-// (zeros outside the matrix: they make every term of an out-of-range anchor vanish).
-template <typename acc_t, int kc>
-__device__ __forceinline__ void stage_rows(const acc_t* __restrict__ m,  // [n, n] matrix (E or R)
-                                           int64_t n,                    // rows
-                                           int64_t k0,                   // first staged row
-                                           int64_t c0,                   // first staged column
-                                           acc_t (*s)[kTile]) {          // [kc][kTile] destination
-  for (int l = threadIdx.x; l < kc * kTile; l += kThreads) {
+// Stages rows k0 .. k0 + kChunk − 1 of `m`, columns c0 .. c0 + 63, into s[kk][col] (zeros outside
+// the matrix: they make every term of an out-of-range k vanish).
+__device__ __forceinline__ void stage_rows(const float* __restrict__ m, int64_t n, int64_t k0, int64_t c0,
+                                           float (*s)[kTile]) {
+  for (int l = threadIdx.x; l < kChunk * kTile; l += kThreads) {
     const int kk = l / kTile;
     const int col = l % kTile;
     const int64_t k = k0 + kk;
     const int64_t cidx = c0 + col;
-    s[kk][col] = (k < n && cidx < n) ? m[k * n + cidx] : acc_t(0);
+    s[kk][col] = (k < n && cidx < n) ? m[k * n + cidx] : 0.0f;
   }
 }
 
-// Forward: block (bj, bi) sums ℓ_ijk = h(ψˢ_ijk − ψᵗ_ijk) over all k for its pairs (anchor i) and
-// writes, per row i, the sum over its 64 j into partial[i, bj].
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    rkd_angle_fwd_kernel(const acc_t* __restrict__ es,   // [n, n] student squared distances
-                         const acc_t* __restrict__ rs,   // [n, n] student inverse clamped norms
-                         const acc_t* __restrict__ et,   // [n, n] teacher squared distances
-                         const acc_t* __restrict__ rt,   // [n, n] teacher inverse clamped norms
-                         int64_t n,                      // rows
-                         acc_t* __restrict__ partial) {  // [n, tiles] out: Σ_{j in tile bj, k} ℓ_ijk
-  constexpr int kc = AngleChunk<acc_t>::kc;
-  __shared__ acc_t s_es_i[kc][kTile];
-  __shared__ acc_t s_rs_i[kc][kTile];
-  __shared__ acc_t s_es_j[kc][kTile];
-  __shared__ acc_t s_et_i[kc][kTile];
-  __shared__ acc_t s_rt_i[kc][kTile];
-  __shared__ acc_t s_et_j[kc][kTile];
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
+// The thread's 4 × 4 entries (i, j) of an [n, n] matrix (0 outside).
+__device__ __forceinline__ void load_pairs(const float* __restrict__ m, int64_t n, int64_t i0, int64_t j0,
+                                           float scale, float (&out)[kPer][kPer]) {
   const int ty = threadIdx.x / kSub;
   const int tx = threadIdx.x % kSub;
-  acc_t es_ij[kPer][kPer], hrs_ij[kPer][kPer], et_ij[kPer][kPer], hrt_ij[kPer][kPer], acc[kPer][kPer];
 #pragma unroll
   for (int r = 0; r < kPer; ++r)
 #pragma unroll
     for (int c = 0; c < kPer; ++c) {
       const int64_t i = i0 + ty + kSub * r;
       const int64_t j = j0 + tx + kSub * c;
-      const bool in = i < n && j < n;
-      es_ij[r][c] = in ? es[i * n + j] : acc_t(0);
-      hrs_ij[r][c] = in ? acc_t(0.5) * rs[i * n + j] : acc_t(0);
-      et_ij[r][c] = in ? et[i * n + j] : acc_t(0);
-      hrt_ij[r][c] = in ? acc_t(0.5) * rt[i * n + j] : acc_t(0);
-      acc[r][c] = acc_t(0);
+      out[r][c] = (i < n && j < n) ? scale * m[i * n + j] : 0.0f;
     }
-  for (int64_t k0 = 0; k0 < n; k0 += kc) {
-    stage_rows<acc_t, kc>(es, n, k0, i0, s_es_i);
-    stage_rows<acc_t, kc>(rs, n, k0, i0, s_rs_i);
-    stage_rows<acc_t, kc>(es, n, k0, j0, s_es_j);
-    stage_rows<acc_t, kc>(et, n, k0, i0, s_et_i);
-    stage_rows<acc_t, kc>(rt, n, k0, i0, s_rt_i);
-    stage_rows<acc_t, kc>(et, n, k0, j0, s_et_j);
+}
+
+// Per-anchor gradient scale g_a.
+__device__ __forceinline__ float anchor_grad(const float* __restrict__ grad, bool per_anchor, float scale, int64_t a) {
+  return (per_anchor ? grad[a] : grad[0]) * scale;
+}
+
+// Forward: block (bj, bi) sums ℓ_ijk over all k for its pairs (anchor i) and writes, per row i, the
+// sum over its 64 j into partial[i, bj] (0 for flagged anchors: the explicit route fills them).
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    rkd_angle_fwd_kernel(const float* __restrict__ es,   // [n, n] student E
+                         const float* __restrict__ rs,   // [n, n] student R
+                         const float* __restrict__ et,   // [n, n] teacher E
+                         const float* __restrict__ rt,   // [n, n] teacher R
+                         const int* __restrict__ flag,   // [n] near-anchor flags
+                         int64_t n,                      // rows
+                         float* __restrict__ partial) {  // [n, tiles] out
+  __shared__ float s_es_i[kChunk][kTile];
+  __shared__ float s_rs_i[kChunk][kTile];
+  __shared__ float s_es_j[kChunk][kTile];
+  __shared__ float s_et_i[kChunk][kTile];
+  __shared__ float s_rt_i[kChunk][kTile];
+  __shared__ float s_et_j[kChunk][kTile];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int ty = threadIdx.x / kSub;
+  const int tx = threadIdx.x % kSub;
+  float es_ij[kPer][kPer], hrs_ij[kPer][kPer], et_ij[kPer][kPer], hrt_ij[kPer][kPer], acc[kPer][kPer];
+  load_pairs(es, n, i0, j0, 1.0f, es_ij);
+  load_pairs(rs, n, i0, j0, 0.5f, hrs_ij);
+  load_pairs(et, n, i0, j0, 1.0f, et_ij);
+  load_pairs(rt, n, i0, j0, 0.5f, hrt_ij);
+#pragma unroll
+  for (int r = 0; r < kPer; ++r)
+#pragma unroll
+    for (int c = 0; c < kPer; ++c) acc[r][c] = 0.0f;
+  for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+    stage_rows(es, n, k0, i0, s_es_i);
+    stage_rows(rs, n, k0, i0, s_rs_i);
+    stage_rows(es, n, k0, j0, s_es_j);
+    stage_rows(et, n, k0, i0, s_et_i);
+    stage_rows(rt, n, k0, i0, s_rt_i);
+    stage_rows(et, n, k0, j0, s_et_j);
     __syncthreads();
 #pragma unroll 2
-    for (int kk = 0; kk < kc; ++kk) {
+    for (int kk = 0; kk < kChunk; ++kk) {
 #pragma unroll
       for (int r = 0; r < kPer; ++r) {
-        const acc_t es_ik = s_es_i[kk][ty + kSub * r];
-        const acc_t rs_ik = s_rs_i[kk][ty + kSub * r];
-        const acc_t et_ik = s_et_i[kk][ty + kSub * r];
-        const acc_t rt_ik = s_rt_i[kk][ty + kSub * r];
+        const float es_ik = s_es_i[kk][ty + kSub * r];
+        const float rs_ik = s_rs_i[kk][ty + kSub * r];
+        const float et_ik = s_et_i[kk][ty + kSub * r];
+        const float rt_ik = s_rt_i[kk][ty + kSub * r];
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
-          const acc_t ps = (es_ij[r][c] + es_ik - s_es_j[kk][tx + kSub * c]) * hrs_ij[r][c] * rs_ik;
-          const acc_t pt = (et_ij[r][c] + et_ik - s_et_j[kk][tx + kSub * c]) * hrt_ij[r][c] * rt_ik;
+          const float ps = (es_ij[r][c] + es_ik - s_es_j[kk][tx + kSub * c]) * hrs_ij[r][c] * rs_ik;
+          const float pt = (et_ij[r][c] + et_ik - s_et_j[kk][tx + kSub * c]) * hrt_ij[r][c] * rt_ik;
           acc[r][c] += smooth_l1(ps - pt);
         }
       }
@@ -326,83 +202,71 @@ __global__ void __launch_bounds__(kThreads)
   // Row sums over the tile's 64 j: 4 per thread, then the 16 tx lanes (one half-warp per ty).
 #pragma unroll
   for (int r = 0; r < kPer; ++r) {
-    acc_t row = acc[r][0] + acc[r][1] + acc[r][2] + acc[r][3];
+    float row = acc[r][0] + acc[r][1] + acc[r][2] + acc[r][3];
 #pragma unroll
     for (int off = kSub / 2; off > 0; off >>= 1) row += __shfl_xor_sync(0xffffffffu, row, off);
     const int64_t i = i0 + ty + kSub * r;
-    if (tx == 0 && i < n) partial[i * gridDim.x + blockIdx.x] = row;
+    if (tx == 0 && i < n) partial[i * gridDim.x + blockIdx.x] = flag[i] ? 0.0f : row;
   }
 }
 
-// Per-anchor gradient scale g_a (see the comment block above).
-template <typename acc_t>
-__device__ __forceinline__ acc_t anchor_grad(const acc_t* __restrict__ grad, bool per_anchor, acc_t scale,
-                                             int64_t a) {
-  return (per_anchor ? grad[a] : grad[0]) * scale;
-}
-
 // Backward, anchor rows: W_ij = g_i Σ_k h'(ψˢ_ijk − ψᵗ_ijk) (R_ij R_ik − ψ_ijk q_ij) for the student
-// (NEED_S) and the same with the teacher's R, ψ, q and the opposite sign (NEED_T).
-template <typename acc_t, bool NEED_S, bool NEED_T>
-__global__ void __launch_bounds__(kThreads)
-    rkd_angle_bwd_anchor_kernel(const acc_t* __restrict__ es,    // [n, n] student squared distances
-                                const acc_t* __restrict__ rs,    // [n, n] student inverse clamped norms
-                                const acc_t* __restrict__ et,    // [n, n] teacher squared distances
-                                const acc_t* __restrict__ rt,    // [n, n] teacher inverse clamped norms
+// (NEED_S) and the same with the teacher's R, ψ, q and the opposite sign (NEED_T); 0 for flagged i.
+template <bool NEED_S, bool NEED_T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    rkd_angle_bwd_anchor_kernel(const float* __restrict__ es,    // [n, n] student E
+                                const float* __restrict__ rs,    // [n, n] student R
+                                const float* __restrict__ et,    // [n, n] teacher E
+                                const float* __restrict__ rt,    // [n, n] teacher R
+                                const int* __restrict__ flag,    // [n] near-anchor flags
                                 int64_t n,                       // rows
-                                const acc_t* __restrict__ grad,  // [n] ("none") or [1]: ∂L/∂loss
+                                const float* __restrict__ grad,  // [n] ("none") or [1]: ∂L/∂loss
                                 bool per_anchor,                 // grad is [n] (reduction "none")
-                                acc_t grad_scale,                // 1/N³ ("mean"), 1/N² ("none"), 1 ("sum")
-                                acc_t* __restrict__ ws,          // [n, n] out: student W (written, not added)
-                                acc_t* __restrict__ wt) {        // [n, n] out: teacher W (written, not added)
-  constexpr int kc = AngleChunk<acc_t>::kc;
-  __shared__ acc_t s_es_i[kc][kTile];
-  __shared__ acc_t s_rs_i[kc][kTile];
-  __shared__ acc_t s_es_j[kc][kTile];
-  __shared__ acc_t s_et_i[kc][kTile];
-  __shared__ acc_t s_rt_i[kc][kTile];
-  __shared__ acc_t s_et_j[kc][kTile];
+                                float grad_scale,                // 1/N³ ("mean"), 1/N² ("none"), 1 ("sum")
+                                float* __restrict__ ws,          // [n, n] out: student W (written, not added)
+                                float* __restrict__ wt) {        // [n, n] out: teacher W (written, not added)
+  __shared__ float s_es_i[kChunk][kTile];
+  __shared__ float s_rs_i[kChunk][kTile];
+  __shared__ float s_es_j[kChunk][kTile];
+  __shared__ float s_et_i[kChunk][kTile];
+  __shared__ float s_rt_i[kChunk][kTile];
+  __shared__ float s_et_j[kChunk][kTile];
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int ty = threadIdx.x / kSub;
   const int tx = threadIdx.x % kSub;
-  acc_t es_ij[kPer][kPer], rs_ij[kPer][kPer], et_ij[kPer][kPer], rt_ij[kPer][kPer];
+  float es_ij[kPer][kPer], rs_ij[kPer][kPer], et_ij[kPer][kPer], rt_ij[kPer][kPer];
   // Σ_k h' R_ik and Σ_k h' ψ_ijk, for each network.
-  acc_t s1s[kPer][kPer], s2s[kPer][kPer], s1t[kPer][kPer], s2t[kPer][kPer];
+  float s1s[kPer][kPer], s2s[kPer][kPer], s1t[kPer][kPer], s2t[kPer][kPer];
+  load_pairs(es, n, i0, j0, 1.0f, es_ij);
+  load_pairs(rs, n, i0, j0, 1.0f, rs_ij);
+  load_pairs(et, n, i0, j0, 1.0f, et_ij);
+  load_pairs(rt, n, i0, j0, 1.0f, rt_ij);
 #pragma unroll
   for (int r = 0; r < kPer; ++r)
 #pragma unroll
-    for (int c = 0; c < kPer; ++c) {
-      const int64_t i = i0 + ty + kSub * r;
-      const int64_t j = j0 + tx + kSub * c;
-      const bool in = i < n && j < n;
-      es_ij[r][c] = in ? es[i * n + j] : acc_t(0);
-      rs_ij[r][c] = in ? rs[i * n + j] : acc_t(0);
-      et_ij[r][c] = in ? et[i * n + j] : acc_t(0);
-      rt_ij[r][c] = in ? rt[i * n + j] : acc_t(0);
-      s1s[r][c] = s2s[r][c] = s1t[r][c] = s2t[r][c] = acc_t(0);
-    }
-  for (int64_t k0 = 0; k0 < n; k0 += kc) {
-    stage_rows<acc_t, kc>(es, n, k0, i0, s_es_i);
-    stage_rows<acc_t, kc>(rs, n, k0, i0, s_rs_i);
-    stage_rows<acc_t, kc>(es, n, k0, j0, s_es_j);
-    stage_rows<acc_t, kc>(et, n, k0, i0, s_et_i);
-    stage_rows<acc_t, kc>(rt, n, k0, i0, s_rt_i);
-    stage_rows<acc_t, kc>(et, n, k0, j0, s_et_j);
+    for (int c = 0; c < kPer; ++c) s1s[r][c] = s2s[r][c] = s1t[r][c] = s2t[r][c] = 0.0f;
+  for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+    stage_rows(es, n, k0, i0, s_es_i);
+    stage_rows(rs, n, k0, i0, s_rs_i);
+    stage_rows(es, n, k0, j0, s_es_j);
+    stage_rows(et, n, k0, i0, s_et_i);
+    stage_rows(rt, n, k0, i0, s_rt_i);
+    stage_rows(et, n, k0, j0, s_et_j);
     __syncthreads();
 #pragma unroll 2
-    for (int kk = 0; kk < kc; ++kk) {
+    for (int kk = 0; kk < kChunk; ++kk) {
 #pragma unroll
       for (int r = 0; r < kPer; ++r) {
-        const acc_t es_ik = s_es_i[kk][ty + kSub * r];
-        const acc_t rs_ik = s_rs_i[kk][ty + kSub * r];
-        const acc_t et_ik = s_et_i[kk][ty + kSub * r];
-        const acc_t rt_ik = s_rt_i[kk][ty + kSub * r];
+        const float es_ik = s_es_i[kk][ty + kSub * r];
+        const float rs_ik = s_rs_i[kk][ty + kSub * r];
+        const float et_ik = s_et_i[kk][ty + kSub * r];
+        const float rt_ik = s_rt_i[kk][ty + kSub * r];
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
-          const acc_t ps = acc_t(0.5) * (es_ij[r][c] + es_ik - s_es_j[kk][tx + kSub * c]) * rs_ij[r][c] * rs_ik;
-          const acc_t pt = acc_t(0.5) * (et_ij[r][c] + et_ik - s_et_j[kk][tx + kSub * c]) * rt_ij[r][c] * rt_ik;
-          const acc_t hp = smooth_l1_grad(ps - pt);
+          const float ps = 0.5f * (es_ij[r][c] + es_ik - s_es_j[kk][tx + kSub * c]) * rs_ij[r][c] * rs_ik;
+          const float pt = 0.5f * (et_ij[r][c] + et_ik - s_et_j[kk][tx + kSub * c]) * rt_ij[r][c] * rt_ik;
+          const float hp = smooth_l1_grad(ps - pt);
           if (NEED_S) {
             s1s[r][c] += hp * rs_ik;
             s2s[r][c] += hp * ps;
@@ -420,17 +284,17 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = 0; r < kPer; ++r) {
     const int64_t i = i0 + ty + kSub * r;
     if (i >= n) continue;
-    const acc_t g = anchor_grad(grad, per_anchor, grad_scale, i);
+    const float g = flag[i] ? 0.0f : anchor_grad(grad, per_anchor, grad_scale, i);
 #pragma unroll
     for (int c = 0; c < kPer; ++c) {
       const int64_t j = j0 + tx + kSub * c;
       if (j >= n) continue;
       if (NEED_S) {
-        const acc_t q = sqrt(es_ij[r][c]) >= acc_t(kNormEps) ? rs_ij[r][c] * rs_ij[r][c] : acc_t(0);
+        const float q = es_ij[r][c] >= kSqClamp * kSqClamp ? rs_ij[r][c] * rs_ij[r][c] : 0.0f;
         ws[i * n + j] = g * (rs_ij[r][c] * s1s[r][c] - q * s2s[r][c]);
       }
       if (NEED_T) {
-        const acc_t q = sqrt(et_ij[r][c]) >= acc_t(kNormEps) ? rt_ij[r][c] * rt_ij[r][c] : acc_t(0);
+        const float q = et_ij[r][c] >= kSqClamp * kSqClamp ? rt_ij[r][c] * rt_ij[r][c] : 0.0f;
         wt[i * n + j] = -g * (rt_ij[r][c] * s1t[r][c] - q * s2t[r][c]);
       }
     }
@@ -438,75 +302,71 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Backward, pair entries: W_ij += −½ Σ_k g_k h'(ψˢ_kij − ψᵗ_kij) Rˢ_ki Rˢ_kj (student, NEED_S) and
-// W_ij += +½ Σ_k g_k h'(ψˢ_kij − ψᵗ_kij) Rᵗ_ki Rᵗ_kj (teacher, NEED_T); runs after the anchor kernel.
-template <typename acc_t, bool NEED_S, bool NEED_T>
-__global__ void __launch_bounds__(kThreads)
-    rkd_angle_bwd_pair_kernel(const acc_t* __restrict__ es,    // [n, n] student squared distances
-                              const acc_t* __restrict__ rs,    // [n, n] student inverse clamped norms
-                              const acc_t* __restrict__ et,    // [n, n] teacher squared distances
-                              const acc_t* __restrict__ rt,    // [n, n] teacher inverse clamped norms
+// W_ij += +½ Σ_k g_k h'(ψˢ_kij − ψᵗ_kij) Rᵗ_ki Rᵗ_kj (teacher, NEED_T), over unflagged anchors k;
+// runs after the anchor kernel.
+template <bool NEED_S, bool NEED_T>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    rkd_angle_bwd_pair_kernel(const float* __restrict__ es,    // [n, n] student E
+                              const float* __restrict__ rs,    // [n, n] student R
+                              const float* __restrict__ et,    // [n, n] teacher E
+                              const float* __restrict__ rt,    // [n, n] teacher R
+                              const int* __restrict__ flag,    // [n] near-anchor flags
                               int64_t n,                       // rows
-                              const acc_t* __restrict__ grad,  // [n] ("none") or [1]: ∂L/∂loss
+                              const float* __restrict__ grad,  // [n] ("none") or [1]: ∂L/∂loss
                               bool per_anchor,                 // grad is [n] (reduction "none")
-                              acc_t grad_scale,                // 1/N³ ("mean"), 1/N² ("none"), 1 ("sum")
-                              acc_t* __restrict__ ws,          // [n, n] in/out: student W (added to)
-                              acc_t* __restrict__ wt) {        // [n, n] in/out: teacher W (added to)
-  constexpr int kc = AngleChunk<acc_t>::kc;
-  __shared__ acc_t s_es_i[kc][kTile];
-  __shared__ acc_t s_rs_i[kc][kTile];
-  __shared__ acc_t s_es_j[kc][kTile];
-  __shared__ acc_t s_rs_j[kc][kTile];
-  __shared__ acc_t s_et_i[kc][kTile];
-  __shared__ acc_t s_rt_i[kc][kTile];
-  __shared__ acc_t s_et_j[kc][kTile];
-  __shared__ acc_t s_rt_j[kc][kTile];
-  __shared__ acc_t s_g[kc];
+                              float grad_scale,                // 1/N³ ("mean"), 1/N² ("none"), 1 ("sum")
+                              float* __restrict__ ws,          // [n, n] in/out: student W (added to)
+                              float* __restrict__ wt) {        // [n, n] in/out: teacher W (added to)
+  __shared__ float s_es_i[kChunk][kTile];
+  __shared__ float s_rs_i[kChunk][kTile];
+  __shared__ float s_es_j[kChunk][kTile];
+  __shared__ float s_rs_j[kChunk][kTile];
+  __shared__ float s_et_i[kChunk][kTile];
+  __shared__ float s_rt_i[kChunk][kTile];
+  __shared__ float s_et_j[kChunk][kTile];
+  __shared__ float s_rt_j[kChunk][kTile];
+  __shared__ float s_g[kChunk];
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int ty = threadIdx.x / kSub;
   const int tx = threadIdx.x % kSub;
-  acc_t es_ij[kPer][kPer], et_ij[kPer][kPer], ps_acc[kPer][kPer], pt_acc[kPer][kPer];
+  float es_ij[kPer][kPer], et_ij[kPer][kPer], ps_acc[kPer][kPer], pt_acc[kPer][kPer];
+  load_pairs(es, n, i0, j0, 1.0f, es_ij);
+  load_pairs(et, n, i0, j0, 1.0f, et_ij);
 #pragma unroll
   for (int r = 0; r < kPer; ++r)
 #pragma unroll
-    for (int c = 0; c < kPer; ++c) {
-      const int64_t i = i0 + ty + kSub * r;
-      const int64_t j = j0 + tx + kSub * c;
-      const bool in = i < n && j < n;
-      es_ij[r][c] = in ? es[i * n + j] : acc_t(0);
-      et_ij[r][c] = in ? et[i * n + j] : acc_t(0);
-      ps_acc[r][c] = pt_acc[r][c] = acc_t(0);
-    }
-  for (int64_t k0 = 0; k0 < n; k0 += kc) {
-    stage_rows<acc_t, kc>(es, n, k0, i0, s_es_i);
-    stage_rows<acc_t, kc>(rs, n, k0, i0, s_rs_i);
-    stage_rows<acc_t, kc>(es, n, k0, j0, s_es_j);
-    stage_rows<acc_t, kc>(rs, n, k0, j0, s_rs_j);
-    stage_rows<acc_t, kc>(et, n, k0, i0, s_et_i);
-    stage_rows<acc_t, kc>(rt, n, k0, i0, s_rt_i);
-    stage_rows<acc_t, kc>(et, n, k0, j0, s_et_j);
-    stage_rows<acc_t, kc>(rt, n, k0, j0, s_rt_j);
-    if (threadIdx.x < kc) {
+    for (int c = 0; c < kPer; ++c) ps_acc[r][c] = pt_acc[r][c] = 0.0f;
+  for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
+    stage_rows(es, n, k0, i0, s_es_i);
+    stage_rows(rs, n, k0, i0, s_rs_i);
+    stage_rows(es, n, k0, j0, s_es_j);
+    stage_rows(rs, n, k0, j0, s_rs_j);
+    stage_rows(et, n, k0, i0, s_et_i);
+    stage_rows(rt, n, k0, i0, s_rt_i);
+    stage_rows(et, n, k0, j0, s_et_j);
+    stage_rows(rt, n, k0, j0, s_rt_j);
+    if (threadIdx.x < kChunk) {
       const int64_t k = k0 + threadIdx.x;
-      s_g[threadIdx.x] = k < n ? anchor_grad(grad, per_anchor, grad_scale, k) : acc_t(0);
+      s_g[threadIdx.x] = (k < n && !flag[k]) ? anchor_grad(grad, per_anchor, grad_scale, k) : 0.0f;
     }
     __syncthreads();
 #pragma unroll 2
-    for (int kk = 0; kk < kc; ++kk) {
-      const acc_t g = s_g[kk];
+    for (int kk = 0; kk < kChunk; ++kk) {
+      const float g = s_g[kk];
 #pragma unroll
       for (int r = 0; r < kPer; ++r) {
-        const acc_t es_ki = s_es_i[kk][ty + kSub * r];
-        const acc_t rs_ki = s_rs_i[kk][ty + kSub * r];
-        const acc_t et_ki = s_et_i[kk][ty + kSub * r];
-        const acc_t rt_ki = s_rt_i[kk][ty + kSub * r];
+        const float es_ki = s_es_i[kk][ty + kSub * r];
+        const float rs_ki = s_rs_i[kk][ty + kSub * r];
+        const float et_ki = s_et_i[kk][ty + kSub * r];
+        const float rt_ki = s_rt_i[kk][ty + kSub * r];
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
-          const acc_t rrs = rs_ki * s_rs_j[kk][tx + kSub * c];
-          const acc_t rrt = rt_ki * s_rt_j[kk][tx + kSub * c];
-          const acc_t ps = acc_t(0.5) * (es_ki + s_es_j[kk][tx + kSub * c] - es_ij[r][c]) * rrs;
-          const acc_t pt = acc_t(0.5) * (et_ki + s_et_j[kk][tx + kSub * c] - et_ij[r][c]) * rrt;
-          const acc_t gh = g * smooth_l1_grad(ps - pt);
+          const float rrs = rs_ki * s_rs_j[kk][tx + kSub * c];
+          const float rrt = rt_ki * s_rt_j[kk][tx + kSub * c];
+          const float ps = 0.5f * (es_ki + s_es_j[kk][tx + kSub * c] - es_ij[r][c]) * rrs;
+          const float pt = 0.5f * (et_ki + s_et_j[kk][tx + kSub * c] - et_ij[r][c]) * rrt;
+          const float gh = g * smooth_l1_grad(ps - pt);
           if (NEED_S) ps_acc[r][c] += gh * rrs;
           if (NEED_T) pt_acc[r][c] += gh * rrt;
         }
@@ -521,8 +381,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = i0 + ty + kSub * r;
       const int64_t j = j0 + tx + kSub * c;
       if (i < n && j < n) {
-        if (NEED_S) ws[i * n + j] -= acc_t(0.5) * ps_acc[r][c];
-        if (NEED_T) wt[i * n + j] += acc_t(0.5) * pt_acc[r][c];
+        if (NEED_S) ws[i * n + j] -= 0.5f * ps_acc[r][c];
+        if (NEED_T) wt[i * n + j] += 0.5f * pt_acc[r][c];
       }
     }
 }
@@ -531,78 +391,127 @@ __global__ void __launch_bounds__(kThreads)
 // Host side.
 // ---------------------------------------------------------------------------------------------
 
-// Checks every op's student / teacher pair (the public Python functions validate user input; these
-// guard direct calls through torch.ops).
-void check_pair(const at::Tensor& student, const at::Tensor& teacher, const char* op, int64_t min_rows) {
-  check_cuda(student, op, "student");
-  check_cuda(teacher, op, "teacher");
-  check_same_device(teacher, student, op, "teacher", "student");
-  check_floating(student, op, "student");
-  check_floating(teacher, op, "teacher");
-  TORCH_CHECK(student.scalar_type() != at::kDouble && teacher.scalar_type() != at::kDouble, op,
-              ": float64 inputs run on the PyTorch path (kd_kernels/torch_impl/rkd.py); the CUDA kernels take "
-              "float32, float16 or bfloat16, got student ", student.scalar_type(), " and teacher ",
-              teacher.scalar_type());
-  check_dim(student, 2, op, "student", "[N, Ds]");
-  check_dim(teacher, 2, op, "teacher", "[N, Dt]");
-  TORCH_CHECK(teacher.size(0) == student.size(0), op, ": teacher must have the student's N = ", student.size(0),
-              " rows, got ", teacher.size(0));
-  TORCH_CHECK(student.size(0) >= min_rows, op, ": needs N >= ", min_rows, " rows, got N = ", student.size(0));
-}
-
-// The accumulation dtype: float64 if either input is float64, else float32 (as torch_impl.rkd.compute_dtype).
-at::ScalarType acc_dtype(const at::Tensor& student, const at::Tensor& teacher) {
-  const bool f64 = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
-  return f64 ? at::kDouble : at::kFloat;
-}
-
-// Contiguous student / teacher of one dtype: their own if they agree, else both cast to acc_dtype.
-std::pair<at::Tensor, at::Tensor> compute_inputs(const at::Tensor& student, const at::Tensor& teacher) {
-  if (student.scalar_type() == teacher.scalar_type()) return {student.contiguous(), teacher.contiguous()};
-  const at::ScalarType ct = acc_dtype(student, teacher);
-  return {student.to(ct).contiguous(), teacher.to(ct).contiguous()};
-}
-
-// grad as a contiguous tensor in the accumulation dtype, after checking its shape and device.
-at::Tensor upstream_grad(const at::Tensor& grad, const at::Tensor& student, at::IntArrayRef none_shape,
-                         bool none, at::ScalarType acc, const char* op) {
-  check_same_device(grad, student, op, "grad", "student");
-  if (none) {
-    check_sizes(grad, none_shape, op, "grad", none_shape.size() == 2 ? "[N, N]" : "[N]");
-  } else {
-    TORCH_CHECK(grad.numel() == 1, op, ": grad must have one element for a reduced loss, got shape ", grad.sizes());
-  }
-  return grad.to(acc).contiguous().reshape({-1});
-}
-
-dim3 tile_grid(int64_t tiles) {
-  TORCH_CHECK(tiles <= 65535, "rkd: N is too large for the tile grid (at most 65535 tiles of 64 rows)");
+dim3 tile_grid(int64_t tiles, const char* op) {
+  TORCH_CHECK(tiles <= 65535, op, ": N is too large for the tile grid (at most 65535 tiles of ", kTile, " rows)");
   return dim3(static_cast<unsigned int>(tiles), static_cast<unsigned int>(tiles));
 }
 
-void check_precision(const std::string& precision, const char* op) {
-  TORCH_CHECK(precision == "tf32x3" || precision == "tf32", op, ": precision must be 'tf32x3' or 'tf32', got '",
-              precision, "'");
+// What both directions need: each network's prepared rows, E, R, and the shared near-anchor flags.
+struct AngleState {
+  RkdPrep s, t;
+  at::Tensor es, rs, et, rt;  // [n, n] float32
+  at::Tensor flag;            // [n] int32
+  int64_t n;
+};
+
+void angle_e(const RkdPrep& x, bool split, at::Tensor& flag, at::Tensor& e, at::Tensor& r, const char* op) {
+  const auto f32 = x.x.options().dtype(at::kFloat);
+  e = at::empty({x.n, x.n}, f32);
+  r = at::empty({x.n, x.n}, f32);
+  const dim3 grid = tile_grid(ceil_div(x.n, kTileM), op);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  KD_DISPATCH_RKD_TYPES(x.x.scalar_type(), "rkd_angle_gram", [&] {
+    auto launch = [&](auto split_tag) {  // 3xTF32 exists for fp32 inputs only (no dead instantiations)
+      constexpr bool kSplit = decltype(split_tag)::value && std::is_same_v<scalar_t, float>;
+      rkd_angle_gram_kernel<scalar_t, kSplit><<<grid, kTileThreads, 0, stream>>>(
+          x.x.data_ptr<scalar_t>(), x.mean.data_ptr<float>(), x.sq.data_ptr<float>(), x.n, x.d, e.data_ptr<float>(),
+          r.data_ptr<float>(), flag.data_ptr<int>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (split) {
+      launch(std::true_type{});
+    } else {
+      launch(std::false_type{});
+    }
+  });
 }
 
-}  // namespace
+AngleState angle_state(const at::Tensor& student, const at::Tensor& teacher, bool split, const char* op) {
+  at::Tensor xs, xt;
+  std::tie(xs, xt) = rkd_inputs(student, teacher);
+  AngleState st{rkd_prepare(xs), rkd_prepare(xt), {}, {}, {}, {}, {}, xs.size(0)};
+  st.flag = at::zeros({st.n}, xs.options().dtype(at::kInt));
+  angle_e(st.s, split, st.flag, st.es, st.rs, op);
+  angle_e(st.t, split, st.flag, st.et, st.rt, op);
+  return st;
+}
 
-namespace {
+// ---- 3. Explicit route (near anchors; docs/rkd.md section 4), in ATen, fp32 ----------------------
+// V = X − x_a (original rows), V^ = V / max(|v_b|, 1e-12), ψ_a = V^ V^ᵀ. Backward given U [B, N, N]
+// (sign included): G = 2 U V^, dV = (G − V^ (V^ · G)) / |v_b| (0 where |v_b| < 1e-12),
+// dX += dV, dx_a −= Σ_b dV_b.
+struct Explicit {
+  at::Tensor vh;    // [B, N, D] normalized differences
+  at::Tensor norm;  // [B, N] |v_b|
+  at::Tensor psi;   // [B, N, N]
+};
 
-// E and R ([n, n], accumulation dtype) of one contiguous feature matrix.
-std::pair<at::Tensor, at::Tensor> sqdist_and_rinv(const at::Tensor& x, at::ScalarType acc) {
-  const int64_t n = x.size(0);
-  const int64_t d = x.size(1);
-  at::Tensor e = at::empty({n, n}, x.options().dtype(acc));
-  at::Tensor r = at::empty({n, n}, x.options().dtype(acc));
+Explicit explicit_psi(const at::Tensor& xf, const at::Tensor& anchors) {
+  at::Tensor v = xf.unsqueeze(0) - xf.index_select(0, anchors).unsqueeze(1);
+  at::Tensor norm = (v * v).sum(2).sqrt();
+  at::Tensor vh = v.div_(norm.clamp_min(kSqClamp).unsqueeze(2));
+  at::Tensor psi = vh.bmm(vh.transpose(1, 2));
+  return {vh, norm, psi};
+}
+
+void explicit_grad(at::Tensor& dx, const at::Tensor& u, const Explicit& side, const at::Tensor& anchors) {
+  at::Tensor g = u.bmm(side.vh).mul_(2.0);
+  g.sub_(side.vh * (side.vh * g).sum(2, /*keepdim=*/true));
+  const at::Tensor inv = at::where(side.norm >= kSqClamp, side.norm.reciprocal(), 0.0);  // no gradient below eps
+  const at::Tensor dv = g.mul_(inv.unsqueeze(2));
+  dx.add_(dv.sum(0));
+  dx.index_add_(0, anchors, dv.sum(1), -1.0);
+}
+
+// Batches of flagged anchors (the one host synchronisation: listing them).
+template <typename Fn>
+void for_near_anchors(const AngleState& st, Fn&& fn) {
+  const at::Tensor near = st.flag.nonzero().reshape({-1});
+  const int64_t count = near.size(0);
+  if (count == 0) return;
+  const int64_t width = std::max({st.n, st.s.d, st.t.d});
+  const int64_t batch = std::max<int64_t>(1, kExplicitElems / (st.n * width));
+  const at::Tensor xs = st.s.x.to(at::kFloat);
+  const at::Tensor xt = st.t.x.to(at::kFloat);
+  for (int64_t b0 = 0; b0 < count; b0 += batch) {
+    const at::Tensor idx = near.slice(0, b0, std::min(count, b0 + batch));
+    fn(idx, explicit_psi(xs, idx), explicit_psi(xt, idx));
+  }
+}
+
+at::Tensor smooth_l1_sum(const at::Tensor& ps, const at::Tensor& pt) {  // Σ_bc h(ψˢ − ψᵗ) per anchor
+  const at::Tensor diff = ps - pt;
+  const at::Tensor ad = diff.abs();
+  return at::where(ad < 1.0, 0.5 * diff * diff, ad - 0.5).sum(2).sum(1);
+}
+
+template <bool NEED_S, bool NEED_T>
+void launch_angle_bwd(const AngleState& st, const at::Tensor& g, bool per_anchor, float scale, at::Tensor& ws,
+                      at::Tensor& wt, const char* op) {
+  const dim3 grid = tile_grid(ceil_div(st.n, kTile), op);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  KD_DISPATCH_RKD_TYPES(x.scalar_type(), "rkd_sqdist", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    rkd_sqdist_kernel<scalar_t, acc_t><<<tile_grid(ceil_div(n, kTile)), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), n, d, e.data_ptr<acc_t>(), r.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {e, r};
+  float* ws_ptr = NEED_S ? ws.data_ptr<float>() : nullptr;
+  float* wt_ptr = NEED_T ? wt.data_ptr<float>() : nullptr;
+  const int* flag = st.flag.data_ptr<int>();
+  rkd_angle_bwd_anchor_kernel<NEED_S, NEED_T><<<grid, kThreads, 0, stream>>>(
+      st.es.data_ptr<float>(), st.rs.data_ptr<float>(), st.et.data_ptr<float>(), st.rt.data_ptr<float>(), flag, st.n,
+      g.data_ptr<float>(), per_anchor, scale, ws_ptr, wt_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  rkd_angle_bwd_pair_kernel<NEED_S, NEED_T><<<grid, kThreads, 0, stream>>>(
+      st.es.data_ptr<float>(), st.rs.data_ptr<float>(), st.et.data_ptr<float>(), st.rt.data_ptr<float>(), flag, st.n,
+      g.data_ptr<float>(), per_anchor, scale, ws_ptr, wt_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ∂L/∂X of the E route: A = 2 (W + Wᵀ) with a zero diagonal (E_ii = 0 is no function of X), then
+// rowsum(A) x~ − A x~ on tensor cores; float32 [n, d].
+at::Tensor e_route_grad(const at::Tensor& w, const RkdPrep& x, bool split) {
+  at::Tensor a = (w + w.t()).mul_(2.0);
+  a.diagonal().zero_();
+  const at::Tensor rowsum = a.sum(1).contiguous();
+  at::Tensor gacc = at::zeros({x.n, x.d}, a.options());
+  rkd_laplacian_pass(a, rowsum, x.x, x.mean, 0, x.n, split, gacc);
+  return gacc;
 }
 
 }  // namespace
@@ -610,105 +519,73 @@ std::pair<at::Tensor, at::Tensor> sqdist_and_rinv(const at::Tensor& x, at::Scala
 at::Tensor rkd_angle_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const std::string& reduction,
                               const std::string& precision) {
   constexpr const char* op = "rkd_angle_fwd_cuda";
-  check_pair(student, teacher, op, 1);
-  check_precision(precision, op);
+  check_rkd_pair(student, teacher, op, 1);
   const Reduction red = parse_reduction(reduction, op);
+  const bool split = parse_precision(precision, op);
   const c10::cuda::CUDAGuard guard(student.device());
-  at::Tensor xs, xt;
-  std::tie(xs, xt) = compute_inputs(student, teacher);
-  const at::ScalarType acc = acc_dtype(student, teacher);
-  const int64_t n = xs.size(0);
+  const AngleState st = angle_state(student, teacher, split, op);
+  const int64_t n = st.n;
   const int64_t tiles = ceil_div(n, kTile);
-  at::Tensor es, rs, et, rt;
-  std::tie(es, rs) = sqdist_and_rinv(xs, acc);
-  std::tie(et, rt) = sqdist_and_rinv(xt, acc);
-  at::Tensor partial = at::empty({n, tiles}, xs.options().dtype(acc));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  KD_DISPATCH_ACC_FLOAT(acc, op, [&] {
-    rkd_angle_fwd_kernel<scalar_t><<<tile_grid(tiles), kThreads, 0, stream>>>(
-        es.data_ptr<scalar_t>(), rs.data_ptr<scalar_t>(), et.data_ptr<scalar_t>(), rt.data_ptr<scalar_t>(), n,
-        partial.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor partial = at::empty({n, tiles}, st.es.options());
+  rkd_angle_fwd_kernel<<<tile_grid(tiles, op), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      st.es.data_ptr<float>(), st.rs.data_ptr<float>(), st.et.data_ptr<float>(), st.rt.data_ptr<float>(),
+      st.flag.data_ptr<int>(), n, partial.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor per_anchor = partial.sum(1);  // [n]: Σ_bc ℓ_abc (flagged anchors 0 so far)
+  for_near_anchors(st, [&](const at::Tensor& idx, const Explicit& s, const Explicit& t) {
+    per_anchor.index_copy_(0, idx, smooth_l1_sum(s.psi, t.psi));
   });
   const double nd = static_cast<double>(n);
   at::Tensor loss;
   if (red == Reduction::kNone) {
-    loss = partial.sum(1) / (nd * nd);
+    loss = per_anchor / (nd * nd);
   } else if (red == Reduction::kSum) {
-    loss = partial.sum();
+    loss = per_anchor.sum();
   } else {
-    loss = partial.sum() / (nd * nd * nd);
+    loss = per_anchor.sum() / (nd * nd * nd);
   }
   return loss.to(student.scalar_type());
 }
-
-namespace {
-
-// Launches the two angle backward kernels for one (NEED_S, NEED_T) combination.
-template <typename acc_t, bool NEED_S, bool NEED_T>
-void launch_angle_bwd(const at::Tensor& es, const at::Tensor& rs, const at::Tensor& et, const at::Tensor& rt,
-                      const at::Tensor& g, bool per_anchor, double scale, at::Tensor& ws, at::Tensor& wt) {
-  const int64_t n = es.size(0);
-  const dim3 grid = tile_grid(ceil_div(n, kTile));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  acc_t* ws_ptr = NEED_S ? ws.data_ptr<acc_t>() : nullptr;
-  acc_t* wt_ptr = NEED_T ? wt.data_ptr<acc_t>() : nullptr;
-  rkd_angle_bwd_anchor_kernel<acc_t, NEED_S, NEED_T><<<grid, kThreads, 0, stream>>>(
-      es.data_ptr<acc_t>(), rs.data_ptr<acc_t>(), et.data_ptr<acc_t>(), rt.data_ptr<acc_t>(), n, g.data_ptr<acc_t>(),
-      per_anchor, static_cast<acc_t>(scale), ws_ptr, wt_ptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  rkd_angle_bwd_pair_kernel<acc_t, NEED_S, NEED_T><<<grid, kThreads, 0, stream>>>(
-      es.data_ptr<acc_t>(), rs.data_ptr<acc_t>(), et.data_ptr<acc_t>(), rt.data_ptr<acc_t>(), n, g.data_ptr<acc_t>(),
-      per_anchor, static_cast<acc_t>(scale), ws_ptr, wt_ptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// ∂L/∂X = 2 (diag(S 1) − S) X_c with S = W + Wᵀ and X_c the column-centred features (one GEMM).
-at::Tensor laplacian_grad(const at::Tensor& w, const at::Tensor& x, at::ScalarType out_dtype) {
-  const at::Tensor s = w + w.t();
-  at::Tensor xc = x.to(w.scalar_type());
-  xc = xc - xc.mean(0, /*keepdim=*/true);
-  return (2.0 * (s.sum(1, /*keepdim=*/true) * xc - s.matmul(xc))).to(out_dtype);
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rkd_angle_bwd_cuda(const at::Tensor& grad, const at::Tensor& student,
                                                       const at::Tensor& teacher, const std::string& reduction,
                                                       bool need_student, bool need_teacher,
                                                       const std::string& precision) {
   constexpr const char* op = "rkd_angle_bwd_cuda";
-  check_pair(student, teacher, op, 1);
-  check_precision(precision, op);
+  check_rkd_pair(student, teacher, op, 1);
   const Reduction red = parse_reduction(reduction, op);
+  const bool split = parse_precision(precision, op);
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad_student = at::empty({0}, student.options());
   at::Tensor grad_teacher = at::empty({0}, teacher.options());
   if (!need_student && !need_teacher) return {grad_student, grad_teacher};
-  at::Tensor xs, xt;
-  std::tie(xs, xt) = compute_inputs(student, teacher);
-  const at::ScalarType acc = acc_dtype(student, teacher);
-  const int64_t n = xs.size(0);
+  const int64_t n = student.size(0);
   const double nd = static_cast<double>(n);
   const bool none = red == Reduction::kNone;
-  const at::Tensor g = upstream_grad(grad, student, {n}, none, acc, op);
+  const at::Tensor g = rkd_upstream_grad(grad, student, {n}, none, op);
   const double scale = red == Reduction::kMean ? 1.0 / (nd * nd * nd) : (none ? 1.0 / (nd * nd) : 1.0);
-  at::Tensor es, rs, et, rt;
-  std::tie(es, rs) = sqdist_and_rinv(xs, acc);
-  std::tie(et, rt) = sqdist_and_rinv(xt, acc);
-  at::Tensor ws = need_student ? at::empty({n, n}, xs.options().dtype(acc)) : at::Tensor();
-  at::Tensor wt = need_teacher ? at::empty({n, n}, xs.options().dtype(acc)) : at::Tensor();
-  KD_DISPATCH_ACC_FLOAT(acc, op, [&] {
-    if (need_student && need_teacher) {
-      launch_angle_bwd<scalar_t, true, true>(es, rs, et, rt, g, none, scale, ws, wt);
-    } else if (need_student) {
-      launch_angle_bwd<scalar_t, true, false>(es, rs, et, rt, g, none, scale, ws, wt);
-    } else {
-      launch_angle_bwd<scalar_t, false, true>(es, rs, et, rt, g, none, scale, ws, wt);
-    }
+  const AngleState st = angle_state(student, teacher, split, op);
+  const auto f32 = st.es.options();
+  at::Tensor ws = need_student ? at::empty({n, n}, f32) : at::Tensor();
+  at::Tensor wt = need_teacher ? at::empty({n, n}, f32) : at::Tensor();
+  const float fscale = static_cast<float>(scale);
+  if (need_student && need_teacher) {
+    launch_angle_bwd<true, true>(st, g, none, fscale, ws, wt, op);
+  } else if (need_student) {
+    launch_angle_bwd<true, false>(st, g, none, fscale, ws, wt, op);
+  } else {
+    launch_angle_bwd<false, true>(st, g, none, fscale, ws, wt, op);
+  }
+  at::Tensor gs = need_student ? e_route_grad(ws, st.s, split) : at::Tensor();
+  at::Tensor gt = need_teacher ? e_route_grad(wt, st.t, split) : at::Tensor();
+  const at::Tensor anchor_scale = (none ? g * scale : (g * scale).expand({n})).contiguous();  // [n] g_a
+  for_near_anchors(st, [&](const at::Tensor& idx, const Explicit& s, const Explicit& t) {
+    const at::Tensor u = (s.psi - t.psi).clamp(-1.0, 1.0).mul_(anchor_scale.index_select(0, idx).view({-1, 1, 1}));
+    if (need_student) explicit_grad(gs, u, s, idx);
+    if (need_teacher) explicit_grad(gt, -u, t, idx);
   });
-  if (need_student) grad_student = laplacian_grad(ws, xs, student.scalar_type());
-  if (need_teacher) grad_teacher = laplacian_grad(wt, xt, teacher.scalar_type());
+  if (need_student) grad_student = gs.to(student.scalar_type());
+  if (need_teacher) grad_teacher = gt.to(teacher.scalar_type());
   return {grad_student, grad_teacher};
 }
 

@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "kd_ops.h"
 #include "pairwise_tiles.cuh"
@@ -60,24 +61,12 @@ constexpr int kLapLdB = kTileM + 4;   // x~ staging row stride
 // Rows per backward row block: the two A buffers hold 2^23 fp32 entries each (32 MB) at most.
 constexpr int64_t kRowBlockElems = int64_t(1) << 23;
 
-// The squared distance of pair (i, j) of one network given its Gram entry g (section 4's rule).
-template <typename scalar_t>
-__device__ __forceinline__ float pair_sqdist(const scalar_t* __restrict__ x, const float* __restrict__ sq, int64_t d,
-                                             int64_t i, int64_t j, float g, bool* near) {
-  const float si = sq[i];
-  const float sj = sq[j];
-  float e = si + sj - 2.0f * g;
-  *near = i != j && e < kTau * (si + sj);
-  if (*near) e = tiles::explicit_sqdist(x, d, i, j);
-  return e;
-}
-
 // One 64 × 64 tile of pairs (i in the row tile blockIdx.y of the row block starting at row0,
 // j in tile blockIdx.x) of both networks; what it does with them is `mode` (see the top comment).
 // Block: kTileThreads threads; thread t owns the pairs (r, c) = (t / 64 + 2 q, t % 64), q < 32, so
 // a warp holds 32 consecutive columns of one row (coalesced stores, one warp sum per row segment).
 template <typename scalar_t, bool kSplit>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, kMinBlocks)
     rkd_distance_tile_kernel(const scalar_t* __restrict__ xs,    // [n, ds] student rows (original)
                              const float* __restrict__ mean_s,   // [ds] student column means
                              const float* __restrict__ sq_s,     // [n] |x~_i|² (student)
@@ -214,7 +203,7 @@ __global__ void __launch_bounds__(kTileThreads)
 // half/bf16 inputs TF32's 10-bit mantissa matches fp16's, with fp32's range for A ~ 1/d).
 // Each gacc element belongs to one block of the launch: a plain read-modify-write.
 template <typename scalar_t, bool kSplit>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, kMinBlocks)
     rkd_laplacian_kernel(const float* __restrict__ a,       // [rows, n] A of the row block (near pairs 0)
                          const float* __restrict__ rowsum,  // [n] Σ_j A_ij (far pairs)
                          const scalar_t* __restrict__ x,    // [n, d] original rows
@@ -349,25 +338,31 @@ void tile_pass(const TileArgs& p, bool split, dim3 grid) {
   });
 }
 
-void laplacian_pass(const at::Tensor& a, const at::Tensor& rowsum, const RkdPrep& x, int64_t row0, int64_t rows,
-                    bool split, at::Tensor& gacc) {
+}  // namespace
+
+void rkd_laplacian_pass(const at::Tensor& a, const at::Tensor& rowsum, const at::Tensor& x, const at::Tensor& mean,
+                        int64_t row0, int64_t rows, bool split, at::Tensor& gacc) {
+  const int64_t n = x.size(0);
+  const int64_t d = x.size(1);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned int>(ceil_div(x.d, kTileM)),
-                  static_cast<unsigned int>(ceil_div(rows, kTileM)));
-  KD_DISPATCH_RKD_TYPES(x.x.scalar_type(), "rkd_distance_laplacian", [&] {
-    auto launch = [&](auto split_tag) {
-      rkd_laplacian_kernel<scalar_t, decltype(split_tag)::value><<<grid, kTileThreads, 0, stream>>>(
-          a.data_ptr<float>(), rowsum.data_ptr<float>(), x.x.data_ptr<scalar_t>(), x.mean.data_ptr<float>(), x.n,
-          x.d, row0, rows, gacc.data_ptr<float>());
+  const dim3 grid(static_cast<unsigned int>(ceil_div(d, kTileM)), static_cast<unsigned int>(ceil_div(rows, kTileM)));
+  KD_DISPATCH_RKD_TYPES(x.scalar_type(), "rkd_laplacian", [&] {
+    auto launch = [&](auto split_tag) {  // 3xTF32 exists for fp32 inputs only (no dead instantiations)
+      constexpr bool kSplit = decltype(split_tag)::value && std::is_same_v<scalar_t, float>;
+      rkd_laplacian_kernel<scalar_t, kSplit><<<grid, kTileThreads, 0, stream>>>(
+          a.data_ptr<float>(), rowsum.data_ptr<float>(), x.data_ptr<scalar_t>(), mean.data_ptr<float>(), n, d, row0,
+          rows, gacc.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (std::is_same_v<scalar_t, float> && split) {
+    if (split) {
       launch(std::true_type{});
     } else {
       launch(std::false_type{});
     }
   });
 }
+
+namespace {
 
 dim3 pair_grid(int64_t col_tiles, int64_t row_tiles, const char* op) {
   TORCH_CHECK(row_tiles <= 65535, op, ": N is too large for the tile grid (at most 65535 row tiles of ", kTileM,
@@ -475,8 +470,8 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_bwd_cuda(const at::Tensor& grad,
     p.row0 = row0;
     tile_pass(p, split, pair_grid(tn, ceil_div(rows, kTileM), op));
     // rowsum of a row block is complete after its A pass (its rows see every j tile)
-    if (need_student) laplacian_pass(a_s, rowsum_s, s, row0, rows, split, gacc_s);
-    if (need_teacher) laplacian_pass(a_t, rowsum_t, t, row0, rows, split, gacc_t);
+    if (need_student) rkd_laplacian_pass(a_s, rowsum_s, s.x, s.mean, row0, rows, split, gacc_s);
+    if (need_teacher) rkd_laplacian_pass(a_t, rowsum_t, t.x, t.mean, row0, rows, split, gacc_t);
   }
   if (need_student) grad_student = gacc_s.to(student.scalar_type());
   if (need_teacher) grad_teacher = gacc_t.to(teacher.scalar_type());

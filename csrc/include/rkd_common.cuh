@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "checks.h"
+#include "pairwise_tiles.cuh"
 
 // float32 / float16 / bfloat16 only: float64 runs on the PyTorch path (fewer kernels to compile).
 #define KD_DISPATCH_RKD_TYPES(TYPE, NAME, ...)                                  \
@@ -26,6 +27,11 @@ namespace {
 constexpr float kTau = 0.015625f;  // 2^-6
 // The reference's clamp of squared distances (pdist) and of norms (F.normalize).
 constexpr float kSqClamp = 1e-12f;
+
+// Minimum resident blocks per SM in every RKD kernel's __launch_bounds__: 1 lets ptxas use the
+// registers a kernel needs (<= 255); without it, its occupancy heuristic held some kernels at 80-128
+// registers and spilled 4-56 B per thread (sm_90, the compile gate's CUDA part).
+constexpr int kMinBlocks = 1;
 
 enum class Reduction { kMean, kSum, kNone };
 
@@ -114,5 +120,28 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The squared distance of pair (i, j) of one network given its Gram entry g = x~_i · x~_j, with the
+// near-duplicate rule of docs/rkd.md section 4: near_ij := i != j and s_i + s_j − 2 g < kTau (s_i + s_j)
+// -> E_ij from explicit differences of the original rows (fp32). `*near` tells which route was taken.
+template <typename scalar_t>
+__device__ __forceinline__ float pair_sqdist(const scalar_t* __restrict__ x, const float* __restrict__ sq, int64_t d,
+                                             int64_t i, int64_t j, float g, bool* near) {
+  const float si = sq[i];
+  const float sj = sq[j];
+  float e = si + sj - 2.0f * g;
+  *near = i != j && e < kTau * (si + sj);
+  if (*near) e = tiles::explicit_sqdist(x, d, i, j);
+  return e;
+}
+
 }  // namespace
+
+// Laplacian product of one row block on tensor cores (defined in csrc/cuda/rkd_distance.cu, used
+// by both RKD losses): gacc[i, k] += rowsum[i] · x~_ik − Σ_j a[i − row0, j] · x~_jk for the rows
+// row0 .. row0 + rows − 1, x~ = x − mean. a [rows, n] float32 (row-major), rowsum [n] float32,
+// x [n, d] contiguous (float32 / float16 / bfloat16), mean [d] float32, gacc [n, d] float32.
+// split: 3xTF32 (fp32 x under "tf32x3"), else one TF32 pass. Current stream; launch-checked.
+void rkd_laplacian_pass(const at::Tensor& a, const at::Tensor& rowsum, const at::Tensor& x, const at::Tensor& mean,
+                        int64_t row0, int64_t rows, bool split, at::Tensor& gacc);
+
 }  // namespace kd_kernels
