@@ -3,8 +3,8 @@
 A loss has two ``torch.library`` custom ops, ``kd_kernels::<name>_fwd`` and
 ``kd_kernels::<name>_bwd``. Each ``kd_kernels/ops/<family>.py`` states only their contract
 (the two schemas, the forward's fake, the kernels per backend); this module derives the rest:
-the backward's fake, the autograd registration, the backend dispatch, the float64 routing and
-the second-order-gradient error. The math of each loss is in ``docs/<family>.md``.
+the backward's fake, the autograd registration, the backend dispatch, the float64 routing, the
+autocast rule and the second-order-gradient error. The math of each loss is in ``docs/<family>.md``.
 
 Kernels are referenced with :func:`lazy` (a Triton launcher, imported on first call) and
 :func:`cuda_function` (a plain function of the compiled extension ``kd_kernels._C``, called
@@ -13,8 +13,9 @@ directly: no op inside an op).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,24 @@ __all__ = ["LOSS_OPS", "LossOps", "cuda_function", "define_loss_op", "lazy"]
 # Backends whose kernels do not run float64: a float64 input goes to the "torch" kernel
 # (docs/precision.md), decided here once for every op.
 _ROUTED_TO_TORCH_FOR_FLOAT64 = ("triton", "cuda")
+
+
+# Autocast rule (README "Autocast"): autocast never reaches into a loss op. Inside an autocast
+# region the op computes in the dtypes of the tensors it is given, as outside: fp32 inputs stay
+# fp32 (fp32-faithful, no silent fp16/bf16 GEMMs), fp16/bf16 inputs stay in their dtype with fp32
+# accumulation; mixed inputs follow the op's own promotion. Forward and backward alike, so a
+# backward run inside or outside the region sees the forward's dtypes.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """Disable every enabled autocast (CPU, CUDA) for the duration: the op's kernels run as called."""
+    with contextlib.ExitStack() as stack:
+        for device in _AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device_type=device, enabled=False))
+        yield
 
 
 class LossOps(NamedTuple):
@@ -115,6 +134,9 @@ def define_loss_op(
     float64 tensor argument with backend ``"triton"`` or ``"cuda"`` runs the ``"torch"`` kernel
     (float64 throughout; docs/precision.md).
 
+    Autocast never reaches into the kernels (module comment above ``autocast_off``): they run
+    in the dtypes of the tensors they are given, inside an autocast region or not.
+
     Second-order gradients are not supported: differentiating through the backward
     (``create_graph=True``, then a gradient of the gradients) raises ``RuntimeError(
     "kd_kernels::<name>_bwd: second-order gradients (double backward) are not supported")``.
@@ -171,10 +193,12 @@ def define_loss_op(
         return kernels[backend][which]
 
     def fwd_impl(*args):
-        return kernel(fwd_name, 0, args)(*args[:-1])
+        with autocast_off():
+            return kernel(fwd_name, 0, args)(*args[:-1])
 
     def bwd_impl(*args):
-        out = kernel(bwd_name, 1, args)(*args[:-1])
+        with autocast_off():
+            out = kernel(bwd_name, 1, args)(*args[:-1])
         out = (out,) if len(grads) == 1 and not isinstance(out, (tuple, list)) else tuple(out)
         likes = [args[b_index[x]] for x in grads]
         return _one([_empty_grad(x) if g is None else g.contiguous() for g, x in zip(out, likes, strict=True)])
