@@ -248,6 +248,12 @@ def _to_record(kw: dict, variant: tuple) -> Record:
     jit = getattr(fn, "jit_function", None)
     attrs = c["configs"][0] if c.get("configs") else {}
     extra = {k: c[k] for k in ("num_ctas", "enable_fp_fusion", "launch_cooperative_grid") if k in c}
+    try:  # options the hook's kwargs leave out (a launcher's maxnreg) are in the specialisation data
+        maxnreg = json.loads(c.get("specialization_data") or "{}").get("options", {}).get("maxnreg")
+    except ValueError:
+        maxnreg = None
+    if maxnreg is not None:
+        extra["maxnreg"] = int(maxnreg)
     return Record(
         module=getattr(fn, "module", getattr(jit, "__module__", "?")),
         kernel=getattr(fn, "name", getattr(jit, "__name__", "?")),
@@ -418,7 +424,7 @@ def _compile_one(job: tuple) -> dict:
         attrs = {k: [tuple(a) for a in v] for k, v in rec_d["attrs"].items()}
         src = ASTSource(fn=fn, signature=rec_d["signature"], constexprs=rec_d["constants"], attrs=attrs)
         opts = {"num_warps": rec_d["num_warps"], "num_stages": rec_d["num_stages"]}
-        opts.update({k: v for k, v in rec_d["extra"].items() if k in ("num_ctas", "enable_fp_fusion")})
+        opts.update({k: v for k, v in rec_d["extra"].items() if k in ("num_ctas", "enable_fp_fusion", "maxnreg")})
         ck = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
         ttir, ptx = ck.asm.get("ttir", ""), ck.asm["ptx"]
         row["has_dot"] = bool(re.search(r"\btt\.dot(_scaled)?\b", ttir))

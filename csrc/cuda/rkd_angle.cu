@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kTileThreads, kMinBlocks)
 //   mean = Σ ℓ / N³,  sum = Σ ℓ,  none[a] = Σ_bc ℓ_abc / N²
 // Backward, with g_a = ∂L/∂ℓ_a.. (grad / N³, grad, or grad[a] / N²), G_abc = g_a h'(ψˢ − ψᵗ),
 // q_ab = R_ab² where E_ab >= 1e-24 (else 0: the clamped norm has no gradient), W_ij = ∂L/∂E_ij:
-//   W_ab = Σ_c G_abc (R_ab R_ac − ψ_abc q_ab)   (anchor rows: rkd_angle_bwd_anchor_kernel)
+//   W_ab = Σ_c G_abc (R_ab R_ac − ψ_abc q_ab)   (anchor rows: rkd_angle_anchor_kernel)
 //        − ½ Σ_k G_kab R_ka R_kb                (pair entries over anchors k: rkd_angle_bwd_pair_kernel)
 // and the teacher's W the same with its E, R, ψ and G → −G. The kernels loop over a third index k,
 // reading row k of E and R (E_ki = E_ik: both tile slices of row k are contiguous).
@@ -144,141 +144,105 @@ __device__ __forceinline__ float anchor_grad(const float* __restrict__ grad, boo
   return (per_anchor ? grad[a] : grad[0]) * scale;
 }
 
-// Forward: block (bj, bi) sums ℓ_ijk over all k for its pairs (anchor i) and writes, per row i, the
-// sum over its 64 j into partial[i, bj] (0 for flagged anchors: the explicit route fills them).
+// Shared staging of one k chunk: rows k0 .. k0 + kChunk − 1 of E and R of both networks, restricted
+// to the tile's i columns, and of E restricted to its j columns.
+struct AnchorStage {
+  float es_i[kChunk][kTile], rs_i[kChunk][kTile], es_j[kChunk][kTile];
+  float et_i[kChunk][kTile], rt_i[kChunk][kTile], et_j[kChunk][kTile];
+};
+
+__device__ __forceinline__ void stage_chunk(const float* __restrict__ es, const float* __restrict__ rs,
+                                            const float* __restrict__ et, const float* __restrict__ rt, int64_t n,
+                                            int64_t k0, int64_t i0, int64_t j0, AnchorStage& st) {
+  stage_rows(es, n, k0, i0, st.es_i);
+  stage_rows(rs, n, k0, i0, st.rs_i);
+  stage_rows(es, n, k0, j0, st.es_j);
+  stage_rows(et, n, k0, i0, st.et_i);
+  stage_rows(rt, n, k0, i0, st.rt_i);
+  stage_rows(et, n, k0, j0, st.et_j);
+}
+
+// Anchor rows (anchor i, pairs (j, k) with j in the tile, k over all rows), one kernel for both
+// directions (FWD: forward; else backward with NEED_S / NEED_T):
+//   forward:  partial[i, bj] = Σ_{j in tile bj} Σ_k ℓ_ijk  (0 for flagged anchors: the explicit route
+//             fills them);
+//   backward: W_ij = g_i Σ_k h'(ψˢ_ijk − ψᵗ_ijk) (R_ij R_ik − ψ_ijk q_ij) for the student and the same
+//             with the teacher's R, ψ, q and the opposite sign (0 for flagged i), written, not added.
+template <bool FWD, bool NEED_S, bool NEED_T>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    rkd_angle_fwd_kernel(const float* __restrict__ es,   // [n, n] student E
-                         const float* __restrict__ rs,   // [n, n] student R
-                         const float* __restrict__ et,   // [n, n] teacher E
-                         const float* __restrict__ rt,   // [n, n] teacher R
-                         const int* __restrict__ flag,   // [n] near-anchor flags
-                         int64_t n,                      // rows
-                         float* __restrict__ partial) {  // [n, tiles] out
-  __shared__ float s_es_i[kChunk][kTile];
-  __shared__ float s_rs_i[kChunk][kTile];
-  __shared__ float s_es_j[kChunk][kTile];
-  __shared__ float s_et_i[kChunk][kTile];
-  __shared__ float s_rt_i[kChunk][kTile];
-  __shared__ float s_et_j[kChunk][kTile];
+    rkd_angle_anchor_kernel(const float* __restrict__ es,    // [n, n] student E
+                            const float* __restrict__ rs,    // [n, n] student R
+                            const float* __restrict__ et,    // [n, n] teacher E
+                            const float* __restrict__ rt,    // [n, n] teacher R
+                            const int* __restrict__ flag,    // [n] near-anchor flags
+                            int64_t n,                       // rows
+                            const float* __restrict__ grad,  // backward: [n] ("none") or [1] ∂L/∂loss
+                            bool per_anchor,                 // backward: grad is [n] (reduction "none")
+                            float grad_scale,                // backward: 1/N³ ("mean"), 1/N² ("none"), 1 ("sum")
+                            float* __restrict__ partial,     // forward: [n, tiles] out
+                            float* __restrict__ ws,          // backward: [n, n] out, student W
+                            float* __restrict__ wt) {        // backward: [n, n] out, teacher W
+  __shared__ AnchorStage st;
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int ty = threadIdx.x / kSub;
   const int tx = threadIdx.x % kSub;
-  float es_ij[kPer][kPer], hrs_ij[kPer][kPer], et_ij[kPer][kPer], hrt_ij[kPer][kPer], acc[kPer][kPer];
+  float es_ij[kPer][kPer], hrs_ij[kPer][kPer], et_ij[kPer][kPer], hrt_ij[kPer][kPer];
+  // forward: Σ_k ℓ (a0); backward: Σ_k h' R_ik (a1) and Σ_k h' ψ_ijk (a2) of the student, the same of
+  // the teacher (a3, a4). Unused ones are never read and cost no registers.
+  float a0[kPer][kPer], a1[kPer][kPer], a2[kPer][kPer], a3[kPer][kPer], a4[kPer][kPer];
   load_pairs(es, n, i0, j0, 1.0f, es_ij);
-  load_pairs(rs, n, i0, j0, 0.5f, hrs_ij);
+  load_pairs(rs, n, i0, j0, 0.5f, hrs_ij);  // ½ R_ij: ψ = (E_ij + E_ik − E_jk) · ½ R_ij · R_ik
   load_pairs(et, n, i0, j0, 1.0f, et_ij);
   load_pairs(rt, n, i0, j0, 0.5f, hrt_ij);
 #pragma unroll
   for (int r = 0; r < kPer; ++r)
 #pragma unroll
-    for (int c = 0; c < kPer; ++c) acc[r][c] = 0.0f;
+    for (int c = 0; c < kPer; ++c) a0[r][c] = a1[r][c] = a2[r][c] = a3[r][c] = a4[r][c] = 0.0f;
   for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
-    stage_rows(es, n, k0, i0, s_es_i);
-    stage_rows(rs, n, k0, i0, s_rs_i);
-    stage_rows(es, n, k0, j0, s_es_j);
-    stage_rows(et, n, k0, i0, s_et_i);
-    stage_rows(rt, n, k0, i0, s_rt_i);
-    stage_rows(et, n, k0, j0, s_et_j);
+    stage_chunk(es, rs, et, rt, n, k0, i0, j0, st);
     __syncthreads();
 #pragma unroll 2
     for (int kk = 0; kk < kChunk; ++kk) {
 #pragma unroll
       for (int r = 0; r < kPer; ++r) {
-        const float es_ik = s_es_i[kk][ty + kSub * r];
-        const float rs_ik = s_rs_i[kk][ty + kSub * r];
-        const float et_ik = s_et_i[kk][ty + kSub * r];
-        const float rt_ik = s_rt_i[kk][ty + kSub * r];
+        const float es_ik = st.es_i[kk][ty + kSub * r];
+        const float rs_ik = st.rs_i[kk][ty + kSub * r];
+        const float et_ik = st.et_i[kk][ty + kSub * r];
+        const float rt_ik = st.rt_i[kk][ty + kSub * r];
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
-          const float ps = (es_ij[r][c] + es_ik - s_es_j[kk][tx + kSub * c]) * hrs_ij[r][c] * rs_ik;
-          const float pt = (et_ij[r][c] + et_ik - s_et_j[kk][tx + kSub * c]) * hrt_ij[r][c] * rt_ik;
-          acc[r][c] += smooth_l1(ps - pt);
-        }
-      }
-    }
-    __syncthreads();
-  }
-  // Row sums over the tile's 64 j: 4 per thread, then the 16 tx lanes (one half-warp per ty).
-#pragma unroll
-  for (int r = 0; r < kPer; ++r) {
-    float row = acc[r][0] + acc[r][1] + acc[r][2] + acc[r][3];
-#pragma unroll
-    for (int off = kSub / 2; off > 0; off >>= 1) row += __shfl_xor_sync(0xffffffffu, row, off);
-    const int64_t i = i0 + ty + kSub * r;
-    if (tx == 0 && i < n) partial[i * gridDim.x + blockIdx.x] = flag[i] ? 0.0f : row;
-  }
-}
-
-// Backward, anchor rows: W_ij = g_i Σ_k h'(ψˢ_ijk − ψᵗ_ijk) (R_ij R_ik − ψ_ijk q_ij) for the student
-// (NEED_S) and the same with the teacher's R, ψ, q and the opposite sign (NEED_T); 0 for flagged i.
-template <bool NEED_S, bool NEED_T>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
-    rkd_angle_bwd_anchor_kernel(const float* __restrict__ es,    // [n, n] student E
-                                const float* __restrict__ rs,    // [n, n] student R
-                                const float* __restrict__ et,    // [n, n] teacher E
-                                const float* __restrict__ rt,    // [n, n] teacher R
-                                const int* __restrict__ flag,    // [n] near-anchor flags
-                                int64_t n,                       // rows
-                                const float* __restrict__ grad,  // [n] ("none") or [1]: ∂L/∂loss
-                                bool per_anchor,                 // grad is [n] (reduction "none")
-                                float grad_scale,                // 1/N³ ("mean"), 1/N² ("none"), 1 ("sum")
-                                float* __restrict__ ws,          // [n, n] out: student W (written, not added)
-                                float* __restrict__ wt) {        // [n, n] out: teacher W (written, not added)
-  __shared__ float s_es_i[kChunk][kTile];
-  __shared__ float s_rs_i[kChunk][kTile];
-  __shared__ float s_es_j[kChunk][kTile];
-  __shared__ float s_et_i[kChunk][kTile];
-  __shared__ float s_rt_i[kChunk][kTile];
-  __shared__ float s_et_j[kChunk][kTile];
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int ty = threadIdx.x / kSub;
-  const int tx = threadIdx.x % kSub;
-  float es_ij[kPer][kPer], rs_ij[kPer][kPer], et_ij[kPer][kPer], rt_ij[kPer][kPer];
-  // Σ_k h' R_ik and Σ_k h' ψ_ijk, for each network.
-  float s1s[kPer][kPer], s2s[kPer][kPer], s1t[kPer][kPer], s2t[kPer][kPer];
-  load_pairs(es, n, i0, j0, 1.0f, es_ij);
-  load_pairs(rs, n, i0, j0, 1.0f, rs_ij);
-  load_pairs(et, n, i0, j0, 1.0f, et_ij);
-  load_pairs(rt, n, i0, j0, 1.0f, rt_ij);
-#pragma unroll
-  for (int r = 0; r < kPer; ++r)
-#pragma unroll
-    for (int c = 0; c < kPer; ++c) s1s[r][c] = s2s[r][c] = s1t[r][c] = s2t[r][c] = 0.0f;
-  for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
-    stage_rows(es, n, k0, i0, s_es_i);
-    stage_rows(rs, n, k0, i0, s_rs_i);
-    stage_rows(es, n, k0, j0, s_es_j);
-    stage_rows(et, n, k0, i0, s_et_i);
-    stage_rows(rt, n, k0, i0, s_rt_i);
-    stage_rows(et, n, k0, j0, s_et_j);
-    __syncthreads();
-#pragma unroll 2
-    for (int kk = 0; kk < kChunk; ++kk) {
-#pragma unroll
-      for (int r = 0; r < kPer; ++r) {
-        const float es_ik = s_es_i[kk][ty + kSub * r];
-        const float rs_ik = s_rs_i[kk][ty + kSub * r];
-        const float et_ik = s_et_i[kk][ty + kSub * r];
-        const float rt_ik = s_rt_i[kk][ty + kSub * r];
-#pragma unroll
-        for (int c = 0; c < kPer; ++c) {
-          const float ps = 0.5f * (es_ij[r][c] + es_ik - s_es_j[kk][tx + kSub * c]) * rs_ij[r][c] * rs_ik;
-          const float pt = 0.5f * (et_ij[r][c] + et_ik - s_et_j[kk][tx + kSub * c]) * rt_ij[r][c] * rt_ik;
-          const float hp = smooth_l1_grad(ps - pt);
-          if (NEED_S) {
-            s1s[r][c] += hp * rs_ik;
-            s2s[r][c] += hp * ps;
-          }
-          if (NEED_T) {
-            s1t[r][c] += hp * rt_ik;
-            s2t[r][c] += hp * pt;
+          const float ps = (es_ij[r][c] + es_ik - st.es_j[kk][tx + kSub * c]) * hrs_ij[r][c] * rs_ik;
+          const float pt = (et_ij[r][c] + et_ik - st.et_j[kk][tx + kSub * c]) * hrt_ij[r][c] * rt_ik;
+          if (FWD) {
+            a0[r][c] += smooth_l1(ps - pt);
+          } else {
+            const float hp = smooth_l1_grad(ps - pt);
+            if (NEED_S) {
+              a1[r][c] += hp * rs_ik;
+              a2[r][c] += hp * ps;
+            }
+            if (NEED_T) {
+              a3[r][c] += hp * rt_ik;
+              a4[r][c] += hp * pt;
+            }
           }
         }
       }
     }
     __syncthreads();
+  }
+  if (FWD) {
+    // Row sums over the tile's 64 j: 4 per thread, then the 16 tx lanes (one half-warp per ty).
+#pragma unroll
+    for (int r = 0; r < kPer; ++r) {
+      float row = a0[r][0] + a0[r][1] + a0[r][2] + a0[r][3];
+#pragma unroll
+      for (int off = kSub / 2; off > 0; off >>= 1) row += __shfl_xor_sync(0xffffffffu, row, off);
+      const int64_t i = i0 + ty + kSub * r;
+      if (tx == 0 && i < n) partial[i * gridDim.x + blockIdx.x] = flag[i] ? 0.0f : row;
+    }
+    return;
   }
 #pragma unroll
   for (int r = 0; r < kPer; ++r) {
@@ -290,12 +254,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const int64_t j = j0 + tx + kSub * c;
       if (j >= n) continue;
       if (NEED_S) {
-        const float q = es_ij[r][c] >= kSqClamp * kSqClamp ? rs_ij[r][c] * rs_ij[r][c] : 0.0f;
-        ws[i * n + j] = g * (rs_ij[r][c] * s1s[r][c] - q * s2s[r][c]);
+        const float rij = 2.0f * hrs_ij[r][c];
+        const float q = es_ij[r][c] >= kSqClamp * kSqClamp ? rij * rij : 0.0f;
+        ws[i * n + j] = g * (rij * a1[r][c] - q * a2[r][c]);
       }
       if (NEED_T) {
-        const float q = et_ij[r][c] >= kSqClamp * kSqClamp ? rt_ij[r][c] * rt_ij[r][c] : 0.0f;
-        wt[i * n + j] = -g * (rt_ij[r][c] * s1t[r][c] - q * s2t[r][c]);
+        const float rij = 2.0f * hrt_ij[r][c];
+        const float q = et_ij[r][c] >= kSqClamp * kSqClamp ? rij * rij : 0.0f;
+        wt[i * n + j] = -g * (rij * a3[r][c] - q * a4[r][c]);
       }
     }
   }
@@ -317,13 +283,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
                               float grad_scale,                // 1/N³ ("mean"), 1/N² ("none"), 1 ("sum")
                               float* __restrict__ ws,          // [n, n] in/out: student W (added to)
                               float* __restrict__ wt) {        // [n, n] in/out: teacher W (added to)
-  __shared__ float s_es_i[kChunk][kTile];
-  __shared__ float s_rs_i[kChunk][kTile];
-  __shared__ float s_es_j[kChunk][kTile];
+  __shared__ AnchorStage st;
   __shared__ float s_rs_j[kChunk][kTile];
-  __shared__ float s_et_i[kChunk][kTile];
-  __shared__ float s_rt_i[kChunk][kTile];
-  __shared__ float s_et_j[kChunk][kTile];
   __shared__ float s_rt_j[kChunk][kTile];
   __shared__ float s_g[kChunk];
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
@@ -338,13 +299,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
     for (int c = 0; c < kPer; ++c) ps_acc[r][c] = pt_acc[r][c] = 0.0f;
   for (int64_t k0 = 0; k0 < n; k0 += kChunk) {
-    stage_rows(es, n, k0, i0, s_es_i);
-    stage_rows(rs, n, k0, i0, s_rs_i);
-    stage_rows(es, n, k0, j0, s_es_j);
+    stage_chunk(es, rs, et, rt, n, k0, i0, j0, st);
     stage_rows(rs, n, k0, j0, s_rs_j);
-    stage_rows(et, n, k0, i0, s_et_i);
-    stage_rows(rt, n, k0, i0, s_rt_i);
-    stage_rows(et, n, k0, j0, s_et_j);
     stage_rows(rt, n, k0, j0, s_rt_j);
     if (threadIdx.x < kChunk) {
       const int64_t k = k0 + threadIdx.x;
@@ -356,16 +312,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       const float g = s_g[kk];
 #pragma unroll
       for (int r = 0; r < kPer; ++r) {
-        const float es_ki = s_es_i[kk][ty + kSub * r];
-        const float rs_ki = s_rs_i[kk][ty + kSub * r];
-        const float et_ki = s_et_i[kk][ty + kSub * r];
-        const float rt_ki = s_rt_i[kk][ty + kSub * r];
+        const float es_ki = st.es_i[kk][ty + kSub * r];
+        const float rs_ki = st.rs_i[kk][ty + kSub * r];
+        const float et_ki = st.et_i[kk][ty + kSub * r];
+        const float rt_ki = st.rt_i[kk][ty + kSub * r];
 #pragma unroll
         for (int c = 0; c < kPer; ++c) {
           const float rrs = rs_ki * s_rs_j[kk][tx + kSub * c];
           const float rrt = rt_ki * s_rt_j[kk][tx + kSub * c];
-          const float ps = 0.5f * (es_ki + s_es_j[kk][tx + kSub * c] - es_ij[r][c]) * rrs;
-          const float pt = 0.5f * (et_ki + s_et_j[kk][tx + kSub * c] - et_ij[r][c]) * rrt;
+          const float ps = 0.5f * (es_ki + st.es_j[kk][tx + kSub * c] - es_ij[r][c]) * rrs;
+          const float pt = 0.5f * (et_ki + st.et_j[kk][tx + kSub * c] - et_ij[r][c]) * rrt;
           const float gh = g * smooth_l1_grad(ps - pt);
           if (NEED_S) ps_acc[r][c] += gh * rrs;
           if (NEED_T) pt_acc[r][c] += gh * rrt;
@@ -493,9 +449,9 @@ void launch_angle_bwd(const AngleState& st, const at::Tensor& g, bool per_anchor
   float* ws_ptr = NEED_S ? ws.data_ptr<float>() : nullptr;
   float* wt_ptr = NEED_T ? wt.data_ptr<float>() : nullptr;
   const int* flag = st.flag.data_ptr<int>();
-  rkd_angle_bwd_anchor_kernel<NEED_S, NEED_T><<<grid, kThreads, 0, stream>>>(
+  rkd_angle_anchor_kernel<false, NEED_S, NEED_T><<<grid, kThreads, 0, stream>>>(
       st.es.data_ptr<float>(), st.rs.data_ptr<float>(), st.et.data_ptr<float>(), st.rt.data_ptr<float>(), flag, st.n,
-      g.data_ptr<float>(), per_anchor, scale, ws_ptr, wt_ptr);
+      g.data_ptr<float>(), per_anchor, scale, nullptr, ws_ptr, wt_ptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   rkd_angle_bwd_pair_kernel<NEED_S, NEED_T><<<grid, kThreads, 0, stream>>>(
       st.es.data_ptr<float>(), st.rs.data_ptr<float>(), st.et.data_ptr<float>(), st.rt.data_ptr<float>(), flag, st.n,
@@ -527,9 +483,9 @@ at::Tensor rkd_angle_fwd_cuda(const at::Tensor& student, const at::Tensor& teach
   const int64_t n = st.n;
   const int64_t tiles = ceil_div(n, kTile);
   at::Tensor partial = at::empty({n, tiles}, st.es.options());
-  rkd_angle_fwd_kernel<<<tile_grid(tiles, op), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  rkd_angle_anchor_kernel<true, false, false><<<tile_grid(tiles, op), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       st.es.data_ptr<float>(), st.rs.data_ptr<float>(), st.et.data_ptr<float>(), st.rt.data_ptr<float>(),
-      st.flag.data_ptr<int>(), n, partial.data_ptr<float>());
+      st.flag.data_ptr<int>(), n, nullptr, false, 0.0f, partial.data_ptr<float>(), nullptr, nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor per_anchor = partial.sum(1);  // [n]: Σ_bc ℓ_abc (flagged anchors 0 so far)
   for_near_anchors(st, [&](const at::Tensor& idx, const Explicit& s, const Explicit& t) {
