@@ -487,7 +487,8 @@ at::Tensor rkd_angle_fwd_cuda(const at::Tensor& student, const at::Tensor& teach
       st.es.data_ptr<float>(), st.rs.data_ptr<float>(), st.et.data_ptr<float>(), st.rt.data_ptr<float>(),
       st.flag.data_ptr<int>(), n, nullptr, false, 0.0f, partial.data_ptr<float>(), nullptr, nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor per_anchor = partial.sum(1);  // [n]: Σ_bc ℓ_abc (flagged anchors 0 so far)
+  // [n]: Σ_bc ℓ_abc (flagged anchors 0 so far); NaN everywhere for a non-finite input
+  at::Tensor per_anchor = partial.sum(1) + (nan_carrier(st.s.x) + nan_carrier(st.t.x));
   for_near_anchors(st, [&](const at::Tensor& idx, const Explicit& s, const Explicit& t) {
     per_anchor.index_copy_(0, idx, smooth_l1_sum(s.psi, t.psi));
   });
@@ -540,8 +541,9 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_bwd_cuda(const at::Tensor& grad, co
     if (need_student) explicit_grad(gs, u, s, idx);
     if (need_teacher) explicit_grad(gt, -u, t, idx);
   });
-  if (need_student) grad_student = gs.to(student.scalar_type());
-  if (need_teacher) grad_teacher = gt.to(teacher.scalar_type());
+  const at::Tensor carrier = nan_carrier(st.s.x) + nan_carrier(st.t.x);  // NaN for a non-finite input
+  if (need_student) grad_student = (gs + carrier).to(student.scalar_type());
+  if (need_teacher) grad_teacher = (gt + carrier).to(teacher.scalar_type());
   return {grad_student, grad_teacher};
 }
 

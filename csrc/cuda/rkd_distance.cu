@@ -394,7 +394,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_distance_fwd_cuda(const at::T
   TileArgs p{&s, &t, 0, kModeSum, nullptr, nullptr, nullptr, false, 1.0f, partial.data_ptr<float>(),
              nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   tile_pass(p, split, grid);
-  const at::Tensor mu = (partial.sum(0) / m).contiguous();  // [2] μ_s, μ_t, on the device
+  // [2] μ_s, μ_t on the device; NaN for a non-finite input (then the loss and, through the saved
+  // μ, both gradients are NaN)
+  const at::Tensor mu = (partial.sum(0) / m + at::stack({nan_carrier(xs), nan_carrier(xt)})).contiguous();
   at::Tensor none_out = red == Reduction::kNone ? at::empty({n, n}, f32) : at::Tensor();
   at::Tensor loss_partial = at::empty({tn * tn, 2}, f32);
   p.mode = kModeLoss;
@@ -473,8 +475,9 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_bwd_cuda(const at::Tensor& grad,
     if (need_student) rkd_laplacian_pass(a_s, rowsum_s, s.x, s.mean, row0, rows, split, gacc_s);
     if (need_teacher) rkd_laplacian_pass(a_t, rowsum_t, t.x, t.mean, row0, rows, split, gacc_t);
   }
-  if (need_student) grad_student = gacc_s.to(student.scalar_type());
-  if (need_teacher) grad_teacher = gacc_t.to(teacher.scalar_type());
+  const at::Tensor carrier = mu.sum().mul(0.0);  // NaN when the forward's μ was (non-finite input)
+  if (need_student) grad_student = (gacc_s + carrier).to(student.scalar_type());
+  if (need_teacher) grad_teacher = (gacc_t + carrier).to(teacher.scalar_type());
   return {grad_student, grad_teacher};
 }
 

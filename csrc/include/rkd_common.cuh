@@ -95,6 +95,14 @@ inline RkdPrep rkd_prepare(const at::Tensor& x) {
   return {x, mean, sq, x.size(0), x.size(1)};
 }
 
+// The NaN carrier of both RKD losses (README "Non-finite input"): a 0-dim float32 tensor that is
+// 0 when x is finite and NaN when x holds a NaN or an inf (0 · max + 0 · min; no host sync, no
+// overflow). The kernels' masks (E > 0, E >= 1e-12) are false for NaN, so without it a non-finite
+// input would give a finite loss; it is added to the loss and to each gradient.
+inline at::Tensor nan_carrier(const at::Tensor& x) {
+  return x.amax().to(at::kFloat).mul(0.0) + x.amin().to(at::kFloat).mul(0.0);
+}
+
 // grad as a contiguous float32 vector, after checking its shape ([N, N] / [N] for "none", else one element).
 inline at::Tensor rkd_upstream_grad(const at::Tensor& grad, const at::Tensor& student, at::IntArrayRef none_shape,
                                     bool none, const char* op) {
