@@ -76,7 +76,7 @@ where = Path(kd_kernels.__file__).resolve()
 assert repo not in where.parents, f"imported kd_kernels from the repository ({where}), not from the wheel"
 info = kd_kernels.build_info()
 print(json.dumps(info, indent=1))
-assert info["extension_loaded"], f"kd_kernels._C did not load: {info['extension_error']}"
+assert info["extension_loaded"], f"kd_kernels._C did not load: {info.get('extension_status')} {info['extension_error']}"
 assert list(info["extension"]["ops"]) == list(FUNCTIONS), info["extension"]["ops"]
 for name in FUNCTIONS:
     assert callable(getattr(ext, name, None)), f"kd_kernels._C has no function {name}"

@@ -25,12 +25,25 @@ _ext_state: dict[str, object] = {}
 _triton_state: dict[str, object] = {}
 
 
+EXTENSION_NOT_BUILT = "not built (pure-Python install)"
+
+
 def load_extension():
-    """Import ``kd_kernels._C`` once; return the module or ``None`` (reason in build_info)."""
+    """Import ``kd_kernels._C`` once; return the module or ``None`` (reason in build_info).
+
+    An absent ``_C`` (a pure-Python install: ``KD_KERNELS_BUILD_CUDA=0``, or no CUDA toolkit at
+    build time) is not an error: ``extension_error()`` is then ``None`` and
+    ``extension_status()`` says ``"not built (pure-Python install)"``. A ``_C`` that exists but
+    fails to import (e.g. built against another torch) is an error.
+    """
     if "module" not in _ext_state:
         try:
             _ext_state["module"] = importlib.import_module("kd_kernels._C")
             _ext_state["error"] = None
+        except ModuleNotFoundError as exc:
+            _ext_state["module"] = None
+            # kd_kernels._C itself is absent: not built, on purpose. Anything else it imports is missing: an error.
+            _ext_state["error"] = None if exc.name == "kd_kernels._C" else f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001  (ImportError, or an undefined symbol from a torch mismatch)
             _ext_state["module"] = None
             _ext_state["error"] = f"{type(exc).__name__}: {exc}"
@@ -38,9 +51,17 @@ def load_extension():
 
 
 def extension_error() -> str | None:
-    """Why ``kd_kernels._C`` did not load (``None`` when it did)."""
+    """Why ``kd_kernels._C`` failed to load; ``None`` when it loaded or was not built (see ``extension_status``)."""
     load_extension()
     return _ext_state["error"]  # type: ignore[return-value]
+
+
+def extension_status() -> str:
+    """``"loaded"``, ``"not built (pure-Python install)"`` or ``"failed to load: <error>"``."""
+    if load_extension() is not None:
+        return "loaded"
+    error = _ext_state["error"]
+    return EXTENSION_NOT_BUILT if error is None else f"failed to load: {error}"
 
 
 def triton_version() -> str | None:
@@ -74,11 +95,15 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     Returns:
         A list drawn from ``["cuda", "triton", "torch"]``, fastest first. ``"torch"`` is
         always present. ``"triton"`` appears on CPU only when ``TRITON_INTERPRET=1``.
-        ``"cuda"`` needs a CUDA device and the compiled extension ``kd_kernels._C``.
+        ``"cuda"`` needs a CUDA device and the compiled extension ``kd_kernels._C``. For a
+        CUDA device on a machine where ``torch.cuda.is_available()`` is False (no GPU or no
+        driver), neither GPU backend is listed.
         (Individual losses may not have every kernel yet; asking a loss for a kernel it
         lacks raises a ``ValueError`` that says so.)
     """
     device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return ["torch"]
     out = []
     if _cuda_usable(device):
         out.append("cuda")
@@ -125,7 +150,7 @@ def resolve_backend(backend: str, device: torch.device, *, loss: str, kernels: I
         if device.type != "cuda":
             why = f"tensors are on {device.type}, the CUDA C++ kernels need CUDA tensors"
         else:
-            why = f"the compiled extension kd_kernels._C did not load ({extension_error()})"
+            why = f"the compiled extension kd_kernels._C is not available ({extension_status()})"
         raise ValueError(f"{loss}: backend='cuda' is not available: {why}")
     return backend
 
@@ -144,8 +169,10 @@ def build_info() -> dict:
     """Versions and build facts: kd_kernels, torch, triton, CUDA, and the extension.
 
     Returns a dict with keys ``version``, ``torch``, ``torch_cuda``, ``triton``,
-    ``triton_interpret``, ``extension_loaded``, ``extension_error`` and, when the
-    extension loaded, ``extension`` (what ``_C.build_info()`` reports: the CUDA
+    ``triton_interpret``, ``extension_loaded``, ``extension_status`` (``"loaded"``,
+    ``"not built (pure-Python install)"`` or ``"failed to load: ..."``), ``extension_error``
+    (why an existing ``_C`` failed to import; ``None`` when it loaded or was not built) and,
+    when the extension loaded, ``extension`` (what ``_C.build_info()`` reports: the CUDA
     toolkit, architectures and the compiled ops).
     """
     from kd_kernels import __version__
@@ -158,6 +185,7 @@ def build_info() -> dict:
         "triton": triton_version(),
         "triton_interpret": TRITON_INTERPRET,
         "extension_loaded": ext is not None,
+        "extension_status": extension_status(),
         "extension_error": extension_error(),
     }
     if ext is not None:

@@ -5,7 +5,7 @@ tensor values), so they cost nothing on the device and are safe under torch.comp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -100,12 +100,98 @@ def check_mask(loss: str, name: str, mask, expected_shape: tuple[int, ...], devi
     """``mask`` must be None or a bool/0-1 tensor of ``expected_shape`` on ``device``."""
     if mask is None:
         return
-    doc = "[" + ", ".join(str(s) for s in expected_shape) + "]"
+
+    def doc() -> str:  # built only for a message: str() of a SymInt would specialise under torch.compile
+        return "[" + ", ".join(str(s) for s in expected_shape) + "]"
+
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{loss}: {name} must be a bool tensor of shape {doc} or None, got {type(mask).__name__}")
+        raise TypeError(f"{loss}: {name} must be a bool tensor of shape {doc()} or None, got {type(mask).__name__}")
     if mask.dtype.is_complex or (mask.dtype.is_floating_point and mask.dtype not in FLOAT_DTYPES):
         raise TypeError(f"{loss}: {name} must be a bool tensor (or integers/floats, nonzero = True), got {mask.dtype}")
     if tuple(mask.shape) != tuple(expected_shape):
-        raise ValueError(f"{loss}: {name} must have shape {doc}, got {tuple(mask.shape)}")
+        raise ValueError(f"{loss}: {name} must have shape {doc()}, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{loss}: {name} is on {mask.device} but the inputs are on {device}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-tensor keyword arguments: one spec per loss, checked by the function at every call and by
+# its nn.Module at construction and on every assignment (``loss_fn.temperature = t``).
+# A check is ``check(loss, name, value) -> None``; it raises ValueError/TypeError naming both.
+
+ArgCheck = Callable[[str, str, object], None]
+
+
+def choice(*allowed: str) -> ArgCheck:
+    """A string argument that must be one of ``allowed`` (``None`` and non-strings are rejected)."""
+
+    def check(loss: str, name: str, value) -> None:
+        check_choice(loss, name, value, allowed)
+
+    return check
+
+
+def number(**bounds) -> ArgCheck:
+    """A finite Python number; ``bounds`` are :func:`check_number`'s keywords (positive, nonneg, lo, hi, integer)."""
+
+    def check(loss: str, name: str, value) -> None:
+        check_number(loss, name, value, **bounds)
+
+    return check
+
+
+def optional(inner: ArgCheck) -> ArgCheck:
+    """``None`` or a value that passes ``inner``."""
+
+    def check(loss: str, name: str, value) -> None:
+        if value is not None:
+            inner(loss, name, value)
+
+    return check
+
+
+def flag(loss: str, name: str, value) -> None:
+    """A Python bool (not a 0/1 int, not a tensor)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{loss}: {name} must be a bool, got {type(value).__name__}")
+
+
+def backend_choice(loss: str, name: str, value) -> None:
+    """``backend=``: one of ``"auto" | "cuda" | "triton" | "torch"`` (availability is resolved per call)."""
+    from kd_kernels._backend import BACKENDS
+
+    check_choice(loss, name, value, BACKENDS)
+
+
+def check_args(loss: str, spec: Mapping[str, ArgCheck], **values) -> None:
+    """Check each keyword value against its entry in ``spec`` (every key of ``values`` must be in ``spec``)."""
+    for name, value in values.items():
+        spec[name](loss, name, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate input (issue 9 item 5).
+
+
+def check_batch(loss: str, name: str, t: torch.Tensor, shape_doc: str) -> None:
+    """A batched (3-D) input must have at least one item: B = 0 has no mean over B (NaN)."""
+    if t.dim() == 3 and t.shape[0] == 0:
+        raise ValueError(f"{loss}: {name} must have at least one item (B >= 1) in {shape_doc}, got {tuple(t.shape)}")
+
+
+def check_mask_rows(loss: str, name: str, mask, min_rows: int, why: str) -> None:
+    """Every item of a keep-mask ``[N]`` / ``[B, N]`` must keep at least ``min_rows`` rows.
+
+    This reads tensor values: it runs in eager mode only (one host sync on a CUDA mask) and is
+    skipped while ``torch.compile`` traces (a data-dependent ``if`` would break the graph); there
+    a mask keeping too few rows gives NaN (or the degenerate value the loss documents)."""
+    if mask is None or torch.compiler.is_compiling():
+        return
+    kept = (mask != 0).sum(dim=-1)
+    if bool((kept < min_rows).any()):
+        fewest = int(kept.min())
+        which = "" if mask.dim() == 1 else f" in item {int(kept.argmin())}"
+        raise ValueError(
+            f"{loss}: {name} must keep at least {min_rows} rows ({why}), got {fewest} kept rows{which}"
+            + (" (an all-False mask)" if fewest == 0 else "")
+        )

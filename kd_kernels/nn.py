@@ -1,6 +1,11 @@
 """``nn.Module`` wrappers: one per loss, same keyword defaults as the function, and
 ``forward(student, teacher)`` calls it. Defined beside their functions in
-``kd_kernels/losses/<family>.py``."""
+``kd_kernels/losses/<family>.py`` (base class: ``kd_kernels/losses/_module.py``).
+
+The constructor arguments are validated at construction, stored as plain attributes,
+validated again on assignment and read at every ``forward``: a schedule such as
+``loss_fn.temperature = t`` takes effect at the next call. Each class's docstring holds its
+function's full docstring."""
 
 from kd_kernels.losses import geometry as _geometry
 from kd_kernels.losses import logit as _logit

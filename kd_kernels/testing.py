@@ -137,7 +137,7 @@ BACKENDS = ("torch", "triton", "cuda")
 
 def backend_skip_reason(backend: str) -> str | None:
     """Why ``backend`` cannot run on this machine (``None`` when it can)."""
-    from kd_kernels._backend import TRITON_INTERPRET, extension_error, triton_version
+    from kd_kernels._backend import TRITON_INTERPRET, extension_status, load_extension, triton_version
 
     if backend == "torch":
         return None
@@ -150,8 +150,7 @@ def backend_skip_reason(backend: str) -> str | None:
     if backend == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device (the CUDA C++ kernels need one)"
-        err = extension_error()
-        return None if err is None else f"kd_kernels._C not built or not loadable: {err}"
+        return None if load_extension() is not None else f"kd_kernels._C is not available: {extension_status()}"
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 

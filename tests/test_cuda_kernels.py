@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_kernels._backend import extension_error, load_extension
+from kd_kernels._backend import extension_status, load_extension
 
 
 def _ext():
     ext = load_extension()
     if ext is None:
-        pytest.skip(f"kd_kernels._C not built: {extension_error()}")
+        pytest.skip(f"kd_kernels._C not built: {extension_status()}")
     return ext
 
 

@@ -176,3 +176,22 @@ def test_cuda_function_without_extension_raises(monkeypatch):
     s, t = _pair()
     with pytest.raises(RuntimeError, match="kd_kernels._C did not load"):
         rkd.rkd_angle_fwd(s.detach(), t.detach(), "mean", "cuda")
+
+
+def test_func_transforms_documented_behaviour():
+    """README "Limits": vmap works (PyTorch's per-item fallback, equal to a loop); torch.func.grad
+    raises a RuntimeError instead of returning a wrong value."""
+    import warnings
+
+    import kd_kernels
+
+    torch.manual_seed(0)
+    teacher = torch.randn(6, 3, dtype=torch.float64)
+    batch = torch.randn(3, 6, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "performance drop ... batching rule" from the fallback
+        mapped = torch.func.vmap(lambda x: kd_kernels.rkd_distance_loss(x, teacher))(batch)
+    looped = torch.stack([kd_kernels.rkd_distance_loss(x, teacher) for x in batch])
+    torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError):
+        torch.func.grad(lambda x: kd_kernels.rkd_distance_loss(x, teacher))(batch[0])

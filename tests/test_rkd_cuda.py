@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_kernels._backend import extension_error, load_extension
+from kd_kernels._backend import extension_status, load_extension
 
 NAMES = ("rkd_distance_fwd_cuda", "rkd_distance_bwd_cuda", "rkd_angle_fwd_cuda", "rkd_angle_bwd_cuda")
 
@@ -17,7 +17,7 @@ NAMES = ("rkd_distance_fwd_cuda", "rkd_distance_bwd_cuda", "rkd_angle_fwd_cuda",
 def _ext():
     ext = load_extension()
     if ext is None:
-        pytest.skip(f"kd_kernels._C not built: {extension_error()}")
+        pytest.skip(f"kd_kernels._C not built: {extension_status()}")
     return ext
 
 

@@ -8,18 +8,31 @@ docs/geometry.md. On the PyTorch path memory is O(D²) when N > max(Ds, Dt) (the
 form) and O(N²) otherwise, never both.
 
 Masks: ``mask`` ``[N]`` (or ``[B, N]``) marks the rows to KEEP (bool or 0/1 integers); the
-result equals the unmasked loss on the kept rows. The kept-row count cannot be checked on the
-host without a sync, so it is the caller's job to keep at least as many rows as the loss
-needs (N >= 2 with centring, N >= 4 for unbiased CKA); with fewer the result is undefined
-(NaN or a degenerate value).
+result equals the unmasked loss on the kept rows. Every item must keep at least as many rows
+as the loss needs (N >= 2 with centring, N >= 4 for unbiased CKA, N >= 1 otherwise): in eager
+mode a mask keeping fewer (e.g. all False) raises ValueError naming ``mask`` (this reads the
+mask: one host sync for a CUDA mask); under ``torch.compile`` the check is skipped and such an
+item gives NaN or the degenerate value the loss documents. Batched inputs need B >= 1.
+
+Non-finite input: NaN or ±inf anywhere in ``student``/``teacher`` (masked-out rows included) gives a NaN loss
+and NaN gradients; ``procrustes_loss`` then skips the SVD of that item (no LinAlgError).
 """
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from kd_kernels._backend import resolve_backend
-from kd_kernels._validate import check_mask, check_pair
+from kd_kernels._validate import (
+    backend_choice,
+    check_args,
+    check_batch,
+    check_mask,
+    check_mask_rows,
+    check_pair,
+    flag,
+)
+from kd_kernels.losses._module import LossModule
 from kd_kernels.ops import geometry as _ops
 
 __all__ = [
@@ -34,15 +47,22 @@ __all__ = [
 ]
 
 _KERNELS = ("torch",)
+# The non-tensor keyword arguments of each loss and their checks (shared with the modules).
+_ARGS = {
+    "gram_loss": {"center": flag, "normalize": flag, "backend": backend_choice},
+    "procrustes_loss": {"center": flag, "backend": backend_choice},
+    "cka_loss": {"unbiased": flag, "backend": backend_choice},
+    "relation_loss": {"backend": backend_choice},
+}
 
 
 def _check(loss: str, student, teacher, mask, backend, *, min_rows: int, why: str, flags: dict) -> str:
     """Validate once (shapes, dtypes, devices, mask, flags) and resolve the backend."""
     check_pair(loss, student, teacher, ranks=(2, 3), min_rows=min_rows, row_what=f"rows ({why})")
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{loss}: {name} must be a bool, got {type(value).__name__}")
+    check_args(loss, _ARGS[loss], **flags, backend=backend)
+    check_batch(loss, "student", student, "[B, N, Ds]")
     check_mask(loss, "mask", mask, tuple(student.shape[:-1]), student.device)
+    check_mask_rows(loss, "mask", mask, min_rows, why)  # eager only (reads the mask)
     return resolve_backend(backend, student.device, loss=loss, kernels=_KERNELS)
 
 
@@ -87,7 +107,7 @@ def gram_loss(
 
         >>> s = torch.randn(64, 32, requires_grad=True)
         >>> t = torch.randn(64, 48)
-        >>> loss = gram_loss(s, t)
+        >>> loss = kd_kernels.gram_loss(s, t)
         >>> loss.backward()
     """
     backend = _check(
@@ -145,7 +165,7 @@ def procrustes_loss(
 
         >>> s = torch.randn(64, 32, requires_grad=True)
         >>> t = torch.randn(64, 48)
-        >>> loss = procrustes_loss(s, t)
+        >>> loss = kd_kernels.procrustes_loss(s, t)
         >>> loss.backward()
     """
     backend = _check(
@@ -207,7 +227,7 @@ def cka_loss(
 
         >>> s = torch.randn(64, 32, requires_grad=True)
         >>> t = torch.randn(64, 48)
-        >>> loss = cka_loss(s, t)
+        >>> loss = kd_kernels.cka_loss(s, t)
         >>> loss.backward()
     """
     backend = _check(
@@ -259,66 +279,50 @@ def relation_loss(
 
         >>> s = torch.randn(2, 64, 32, requires_grad=True)
         >>> t = torch.randn(2, 64, 48)
-        >>> loss = relation_loss(s, t)
+        >>> loss = kd_kernels.relation_loss(s, t)
         >>> loss.backward()
     """
     backend = _check("relation_loss", student, teacher, mask, backend, min_rows=1, why="N >= 1", flags={})
     return _ops.relation_fwd(student, teacher, mask, backend)[0]
 
 
-class GramLoss(nn.Module):
+class GramLoss(LossModule, function=gram_loss, spec=_ARGS["gram_loss"]):
     """Module form of :func:`gram_loss`; ``forward(student, teacher, mask=None)``."""
 
     def __init__(self, *, center: bool = True, normalize: bool = True, backend: str = "auto") -> None:
-        super().__init__()
-        self.center, self.normalize, self.backend = center, normalize, backend
+        super().__init__(center=center, normalize=normalize, backend=backend)
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
         return gram_loss(
             student, teacher, center=self.center, normalize=self.normalize, mask=mask, backend=self.backend
         )
 
-    def extra_repr(self) -> str:
-        return f"center={self.center}, normalize={self.normalize}, backend={self.backend!r}"
 
-
-class ProcrustesLoss(nn.Module):
+class ProcrustesLoss(LossModule, function=procrustes_loss, spec=_ARGS["procrustes_loss"]):
     """Module form of :func:`procrustes_loss`; ``forward(student, teacher, mask=None)``."""
 
     def __init__(self, *, center: bool = True, backend: str = "auto") -> None:
-        super().__init__()
-        self.center, self.backend = center, backend
+        super().__init__(center=center, backend=backend)
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
         return procrustes_loss(student, teacher, center=self.center, mask=mask, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        return f"center={self.center}, backend={self.backend!r}"
 
-
-class CKALoss(nn.Module):
+class CKALoss(LossModule, function=cka_loss, spec=_ARGS["cka_loss"]):
     """Module form of :func:`cka_loss`; ``forward(student, teacher, mask=None)``."""
 
     def __init__(self, *, unbiased: bool = False, backend: str = "auto") -> None:
-        super().__init__()
-        self.unbiased, self.backend = unbiased, backend
+        super().__init__(unbiased=unbiased, backend=backend)
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
         return cka_loss(student, teacher, unbiased=self.unbiased, mask=mask, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        return f"unbiased={self.unbiased}, backend={self.backend!r}"
 
-
-class RelationLoss(nn.Module):
+class RelationLoss(LossModule, function=relation_loss, spec=_ARGS["relation_loss"]):
     """Module form of :func:`relation_loss`; ``forward(student, teacher, mask=None)``."""
 
     def __init__(self, *, backend: str = "auto") -> None:
-        super().__init__()
-        self.backend = backend
+        super().__init__(backend=backend)
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
         return relation_loss(student, teacher, mask=mask, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"

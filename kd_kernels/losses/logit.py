@@ -14,10 +14,10 @@ gradients.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from kd_kernels._backend import resolve_backend
-from kd_kernels._validate import check_choice, check_mask, check_number, check_pair
+from kd_kernels._validate import backend_choice, check_args, check_mask, check_pair, choice, number, optional
+from kd_kernels.losses._module import LossModule
 from kd_kernels.ops import logit as _logit_ops
 
 __all__ = [
@@ -44,12 +44,32 @@ _KERNELS["kd_loss"] = ("torch", "cuda")  # csrc/cuda/logit.cu
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 _NAMES = ("student_logits", "teacher_logits")
 
+# The non-tensor keyword arguments of each loss and their checks (shared with the modules).
+_TEMPERATURE = number(positive=True)
+_DIVERGENCE_ARGS = {"temperature": _TEMPERATURE, "reduction": choice(*REDUCTIONS), "backend": backend_choice}
+_ARGS = {
+    "kd_loss": _DIVERGENCE_ARGS,
+    "reverse_kl_loss": _DIVERGENCE_ARGS,
+    "tvd_loss": _DIVERGENCE_ARGS,
+    "jsd_loss": {"beta": number(lo=0.0, hi=1.0), **_DIVERGENCE_ARGS},
+    "dist_loss": {
+        "temperature": _TEMPERATURE,
+        "inter_weight": number(nonneg=True),
+        "intra_weight": number(nonneg=True),
+        "backend": backend_choice,
+    },
+    "grkd_loss": {
+        "temperature": _TEMPERATURE,
+        "top_k": optional(number(integer=True, lo=1)),
+        "backend": backend_choice,
+    },
+}
 
-def _validate(loss, student, teacher, ignore_mask, temperature, reduction=None):
+
+def _validate(loss, student, teacher, ignore_mask, **args):
+    """Tensors, then every keyword argument of ``loss`` (``None`` is never a default stand-in)."""
     check_pair(loss, student, teacher, names=_NAMES, ranks=(2,), min_rows=1, same_last_dim=True)
-    check_number(loss, "temperature", temperature, positive=True)
-    if reduction is not None:
-        check_choice(loss, "reduction", reduction, REDUCTIONS)
+    check_args(loss, _ARGS[loss], **args)
     check_mask(loss, "ignore_mask", ignore_mask, (student.shape[0],), student.device)
 
 
@@ -129,10 +149,13 @@ def kd_loss(
 
         >>> s = torch.randn(8, 100, requires_grad=True)
         >>> t = torch.randn(8, 100)
-        >>> loss = kd_loss(s, t, temperature=4.0)
+        >>> loss = kd_kernels.kd_loss(s, t, temperature=4.0)
         >>> loss.backward()
     """
-    _validate("kd_loss", student_logits, teacher_logits, ignore_mask, temperature, reduction)
+    _validate(
+        "kd_loss", student_logits, teacher_logits, ignore_mask, temperature=temperature, reduction=reduction,
+        backend=backend,
+    )
     return _divergence(
         "kd_loss",
         _logit_ops.kd_fwd,
@@ -179,10 +202,13 @@ def reverse_kl_loss(
 
         >>> s = torch.randn(8, 100, requires_grad=True)
         >>> t = torch.randn(8, 100)
-        >>> loss = reverse_kl_loss(s, t)
+        >>> loss = kd_kernels.reverse_kl_loss(s, t)
         >>> loss.backward()
     """
-    _validate("reverse_kl_loss", student_logits, teacher_logits, ignore_mask, temperature, reduction)
+    _validate(
+        "reverse_kl_loss", student_logits, teacher_logits, ignore_mask, temperature=temperature,
+        reduction=reduction, backend=backend,
+    )
     return _divergence(
         "reverse_kl_loss",
         _logit_ops.reverse_kl_fwd,
@@ -234,11 +260,13 @@ def jsd_loss(
 
         >>> s = torch.randn(8, 100, requires_grad=True)
         >>> t = torch.randn(8, 100)
-        >>> loss = jsd_loss(s, t, beta=0.5)
+        >>> loss = kd_kernels.jsd_loss(s, t, beta=0.5)
         >>> loss.backward()
     """
-    _validate("jsd_loss", student_logits, teacher_logits, ignore_mask, temperature, reduction)
-    check_number("jsd_loss", "beta", beta, lo=0.0, hi=1.0)
+    _validate(
+        "jsd_loss", student_logits, teacher_logits, ignore_mask, beta=beta, temperature=temperature,
+        reduction=reduction, backend=backend,
+    )
     return _divergence(
         "jsd_loss",
         _logit_ops.jsd_fwd,
@@ -284,10 +312,13 @@ def tvd_loss(
 
         >>> s = torch.randn(8, 100, requires_grad=True)
         >>> t = torch.randn(8, 100)
-        >>> loss = tvd_loss(s, t)
+        >>> loss = kd_kernels.tvd_loss(s, t)
         >>> loss.backward()
     """
-    _validate("tvd_loss", student_logits, teacher_logits, ignore_mask, temperature, reduction)
+    _validate(
+        "tvd_loss", student_logits, teacher_logits, ignore_mask, temperature=temperature, reduction=reduction,
+        backend=backend,
+    )
     return _divergence(
         "tvd_loss",
         _logit_ops.tvd_fwd,
@@ -343,12 +374,13 @@ def dist_loss(
 
         >>> s = torch.randn(8, 100, requires_grad=True)
         >>> t = torch.randn(8, 100)
-        >>> loss = dist_loss(s, t)
+        >>> loss = kd_kernels.dist_loss(s, t)
         >>> loss.backward()
     """
-    _validate("dist_loss", student_logits, teacher_logits, ignore_mask, temperature)
-    check_number("dist_loss", "inter_weight", inter_weight, nonneg=True)
-    check_number("dist_loss", "intra_weight", intra_weight, nonneg=True)
+    _validate(
+        "dist_loss", student_logits, teacher_logits, ignore_mask, temperature=temperature,
+        inter_weight=inter_weight, intra_weight=intra_weight, backend=backend,
+    )
     backend = resolve_backend(backend, student_logits.device, loss="dist_loss", kernels=_KERNELS["dist_loss"])
     loss, _, _, _ = _logit_ops.dist_fwd(
         student_logits,
@@ -402,12 +434,13 @@ def grkd_loss(
 
         >>> s = torch.randn(8, 100, requires_grad=True)
         >>> t = torch.randn(8, 100)
-        >>> loss = grkd_loss(s, t, top_k=10)
+        >>> loss = kd_kernels.grkd_loss(s, t, top_k=10)
         >>> loss.backward()
     """
-    _validate("grkd_loss", student_logits, teacher_logits, ignore_mask, temperature)
-    if top_k is not None:
-        check_number("grkd_loss", "top_k", top_k, integer=True, lo=1)
+    _validate(
+        "grkd_loss", student_logits, teacher_logits, ignore_mask, temperature=temperature, top_k=top_k,
+        backend=backend,
+    )
     backend = resolve_backend(backend, student_logits.device, loss="grkd_loss", kernels=_KERNELS["grkd_loss"])
     loss, _ = _logit_ops.grkd_fwd(
         student_logits, teacher_logits, float(temperature), top_k, _as_bool(ignore_mask), backend
@@ -416,54 +449,55 @@ def grkd_loss(
 
 
 for _fn in (kd_loss, reverse_kl_loss, jsd_loss, tvd_loss, dist_loss, grkd_loss):
-    _fn.__doc__ = (
-        _fn.__doc__.replace("{reduction}", _REDUCTION_DOC)
-        .replace("{common}", _COMMON_ARGS_DOC)
-        .replace("{shape}", _SHAPE_DOC)
-    )
+    if _fn.__doc__ is not None:  # None under ``python -OO``
+        _fn.__doc__ = (
+            _fn.__doc__.replace("{reduction}", _REDUCTION_DOC)
+            .replace("{common}", _COMMON_ARGS_DOC)
+            .replace("{shape}", _SHAPE_DOC)
+        )
 del _fn
 
 
-class _LogitLoss(nn.Module):
-    """Stores the keyword arguments and forwards ``(student, teacher, ignore_mask)``."""
-
-    _fn = None
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__()
-        self.kwargs = kwargs
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+class _LogitLoss(LossModule):
+    """Forwards ``(student_logits, teacher_logits, ignore_mask)`` and the current attributes."""
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, ignore_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return type(self)._fn(student_logits, teacher_logits, ignore_mask=ignore_mask, **self.kwargs)
+        return self._function(student_logits, teacher_logits, ignore_mask=ignore_mask, **self.arguments())
+
+    @property
+    def kwargs(self) -> dict:
+        """The current keyword arguments (read-only view; assign the attributes to change them)."""
+        return self.arguments()
 
 
-class KDLoss(_LogitLoss):
-    """Module form of :func:`kd_loss` (Hinton KD); ``forward(student, teacher, ignore_mask=None)``."""
+class KDLoss(_LogitLoss, function=kd_loss, spec=_ARGS["kd_loss"]):
+    """Module form of :func:`kd_loss` (Hinton KD); ``forward(student_logits, teacher_logits, ignore_mask=None)``.
 
-    _fn = staticmethod(kd_loss)
+    Example::
+
+        >>> crit = kd_kernels.KDLoss(temperature=4.0)
+        >>> s = torch.randn(8, 100, requires_grad=True)
+        >>> loss = crit(s, torch.randn(8, 100))
+        >>> crit.temperature = 2.0  # e.g. a temperature schedule: used from the next call on
+        >>> loss = loss + crit(s, torch.randn(8, 100))
+        >>> loss.backward()
+    """
 
     def __init__(self, *, temperature: float = 4.0, reduction: str = "batchmean", backend: str = "auto") -> None:
         super().__init__(temperature=temperature, reduction=reduction, backend=backend)
 
 
-class ReverseKLLoss(_LogitLoss):
-    """Module form of :func:`reverse_kl_loss`; ``forward(student, teacher, ignore_mask=None)``."""
-
-    _fn = staticmethod(reverse_kl_loss)
+class ReverseKLLoss(_LogitLoss, function=reverse_kl_loss, spec=_ARGS["reverse_kl_loss"]):
+    """Module form of :func:`reverse_kl_loss`; ``forward(student_logits, teacher_logits, ignore_mask=None)``."""
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", backend: str = "auto") -> None:
         super().__init__(temperature=temperature, reduction=reduction, backend=backend)
 
 
-class JSDLoss(_LogitLoss):
-    """Module form of :func:`jsd_loss` (generalized JSD); ``forward(student, teacher, ignore_mask=None)``."""
-
-    _fn = staticmethod(jsd_loss)
+class JSDLoss(_LogitLoss, function=jsd_loss, spec=_ARGS["jsd_loss"]):
+    """Module form of :func:`jsd_loss` (JSD(β)); ``forward(student_logits, teacher_logits, ignore_mask=None)``."""
 
     def __init__(
         self, *, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean", backend: str = "auto"
@@ -471,19 +505,15 @@ class JSDLoss(_LogitLoss):
         super().__init__(beta=beta, temperature=temperature, reduction=reduction, backend=backend)
 
 
-class TVDLoss(_LogitLoss):
-    """Module form of :func:`tvd_loss`; ``forward(student, teacher, ignore_mask=None)``."""
-
-    _fn = staticmethod(tvd_loss)
+class TVDLoss(_LogitLoss, function=tvd_loss, spec=_ARGS["tvd_loss"]):
+    """Module form of :func:`tvd_loss`; ``forward(student_logits, teacher_logits, ignore_mask=None)``."""
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", backend: str = "auto") -> None:
         super().__init__(temperature=temperature, reduction=reduction, backend=backend)
 
 
-class DISTLoss(_LogitLoss):
-    """Module form of :func:`dist_loss`; ``forward(student, teacher, ignore_mask=None)``."""
-
-    _fn = staticmethod(dist_loss)
+class DISTLoss(_LogitLoss, function=dist_loss, spec=_ARGS["dist_loss"]):
+    """Module form of :func:`dist_loss`; ``forward(student_logits, teacher_logits, ignore_mask=None)``."""
 
     def __init__(
         self,
@@ -496,10 +526,8 @@ class DISTLoss(_LogitLoss):
         super().__init__(temperature=temperature, inter_weight=inter_weight, intra_weight=intra_weight, backend=backend)
 
 
-class GRKDLoss(_LogitLoss):
-    """Module form of :func:`grkd_loss`; ``forward(student, teacher, ignore_mask=None)``."""
-
-    _fn = staticmethod(grkd_loss)
+class GRKDLoss(_LogitLoss, function=grkd_loss, spec=_ARGS["grkd_loss"]):
+    """Module form of :func:`grkd_loss`; ``forward(student_logits, teacher_logits, ignore_mask=None)``."""
 
     def __init__(self, *, temperature: float = 1.0, top_k: int | None = None, backend: str = "auto") -> None:
         super().__init__(temperature=temperature, top_k=top_k, backend=backend)

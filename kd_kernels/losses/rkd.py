@@ -5,21 +5,24 @@ angle losses. Public functions and modules; the math is in docs/rkd.md and in
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from kd_kernels._backend import resolve_backend
-from kd_kernels._validate import check_choice, check_number, check_pair
+from kd_kernels._validate import backend_choice, check_args, check_pair, choice, number
+from kd_kernels.losses._module import LossModule
 from kd_kernels.ops import rkd as _ops
 
 __all__ = ["RKDAngleLoss", "RKDDistanceLoss", "RKDLoss", "rkd_angle_loss", "rkd_distance_loss", "rkd_loss"]
 
 _KERNELS = ("torch", "triton", "cuda")  # auto on CUDA: cuda, then triton (GPU ranking not yet measured)
 _REDUCTIONS = ("mean", "sum", "none")
+# The non-tensor keyword arguments of each loss and their checks (shared with the modules).
+_PAIR_ARGS = {"reduction": choice(*_REDUCTIONS), "backend": backend_choice}
+_RKD_ARGS = {"distance_weight": number(nonneg=True), "angle_weight": number(nonneg=True), "backend": backend_choice}
 
 
 def _prepare(loss: str, student, teacher, reduction: str, backend: str, min_rows: int) -> str:
     check_pair(loss, student, teacher, min_rows=min_rows)
-    check_choice(loss, "reduction", reduction, _REDUCTIONS)
+    check_args(loss, _PAIR_ARGS, reduction=reduction, backend=backend)
     return resolve_backend(backend, student.device, loss=loss, kernels=_KERNELS)
 
 
@@ -57,7 +60,7 @@ def rkd_distance_loss(
 
         >>> s = torch.randn(64, 128, requires_grad=True)
         >>> t = torch.randn(64, 256)
-        >>> loss = rkd_distance_loss(s, t)
+        >>> loss = kd_kernels.rkd_distance_loss(s, t)
         >>> loss.backward()
     """
     backend = _prepare("rkd_distance_loss", student, teacher, reduction, backend, 2)
@@ -102,7 +105,7 @@ def rkd_angle_loss(
 
         >>> s = torch.randn(64, 128, requires_grad=True)
         >>> t = torch.randn(64, 256)
-        >>> loss = rkd_angle_loss(s, t)
+        >>> loss = kd_kernels.rkd_angle_loss(s, t)
         >>> loss.backward()
     """
     backend = _prepare("rkd_angle_loss", student, teacher, reduction, backend, 1)
@@ -137,60 +140,43 @@ def rkd_loss(
 
         >>> s = torch.randn(64, 128, requires_grad=True)
         >>> t = torch.randn(64, 256)
-        >>> loss = rkd_loss(s, t)
+        >>> loss = kd_kernels.rkd_loss(s, t)
         >>> loss.backward()
     """
-    check_number("rkd_loss", "distance_weight", distance_weight, nonneg=True)
-    check_number("rkd_loss", "angle_weight", angle_weight, nonneg=True)
+    check_args("rkd_loss", _RKD_ARGS, distance_weight=distance_weight, angle_weight=angle_weight, backend=backend)
     backend = _prepare("rkd_loss", student, teacher, "mean", backend, 2)
     dist = _ops.rkd_distance_fwd(student, teacher, "mean", backend)[0]
     angle = _ops.rkd_angle_fwd(student, teacher, "mean", backend)
     return distance_weight * dist + angle_weight * angle
 
 
-class RKDDistanceLoss(nn.Module):
-    """Module form of :func:`rkd_distance_loss` (same arguments and defaults)."""
+class RKDDistanceLoss(LossModule, function=rkd_distance_loss, spec=_PAIR_ARGS):
+    """Module form of :func:`rkd_distance_loss`; ``forward(student, teacher)``."""
 
     def __init__(self, *, reduction: str = "mean", backend: str = "auto") -> None:
-        super().__init__()
-        self.reduction = reduction
-        self.backend = backend
+        super().__init__(reduction=reduction, backend=backend)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return rkd_distance_loss(student, teacher, reduction=self.reduction, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, backend={self.backend!r}"
 
-
-class RKDAngleLoss(nn.Module):
-    """Module form of :func:`rkd_angle_loss` (same arguments and defaults)."""
+class RKDAngleLoss(LossModule, function=rkd_angle_loss, spec=_PAIR_ARGS):
+    """Module form of :func:`rkd_angle_loss`; ``forward(student, teacher)``."""
 
     def __init__(self, *, reduction: str = "mean", backend: str = "auto") -> None:
-        super().__init__()
-        self.reduction = reduction
-        self.backend = backend
+        super().__init__(reduction=reduction, backend=backend)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return rkd_angle_loss(student, teacher, reduction=self.reduction, backend=self.backend)
 
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, backend={self.backend!r}"
 
-
-class RKDLoss(nn.Module):
-    """Module form of :func:`rkd_loss` (same arguments and defaults)."""
+class RKDLoss(LossModule, function=rkd_loss, spec=_RKD_ARGS):
+    """Module form of :func:`rkd_loss`; ``forward(student, teacher)``."""
 
     def __init__(self, *, distance_weight: float = 25.0, angle_weight: float = 50.0, backend: str = "auto") -> None:
-        super().__init__()
-        self.distance_weight = distance_weight
-        self.angle_weight = angle_weight
-        self.backend = backend
+        super().__init__(distance_weight=distance_weight, angle_weight=angle_weight, backend=backend)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return rkd_loss(
             student, teacher, distance_weight=self.distance_weight, angle_weight=self.angle_weight, backend=self.backend
         )
-
-    def extra_repr(self) -> str:
-        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}, backend={self.backend!r}"

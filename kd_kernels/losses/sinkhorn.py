@@ -4,15 +4,23 @@ entropic OT in the log domain (:func:`sinkhorn`). Math: docs/sinkhorn.md."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from kd_kernels._backend import resolve_backend
-from kd_kernels._validate import check_number, check_pair, check_tensor
+from kd_kernels._validate import backend_choice, check_args, check_pair, check_tensor, number
+from kd_kernels.losses._module import LossModule
 from kd_kernels.ops import sinkhorn as _ops
 
 __all__ = ["SinkhornLoss", "sinkhorn", "sinkhorn_loss"]
 
 _KERNELS = ("torch",)
+# The non-tensor keyword arguments and their checks (shared with SinkhornLoss).
+_LOSS_ARGS = {
+    "temperature": number(positive=True),
+    "epsilon": number(positive=True),
+    "n_iters": number(integer=True, lo=1),
+    "backend": backend_choice,
+}
+_PLAN_ARGS = {"epsilon": number(positive=True), "n_iters": number(integer=True, lo=1), "backend": backend_choice}
 
 
 def sinkhorn_loss(
@@ -64,7 +72,7 @@ def sinkhorn_loss(
 
         >>> s = torch.randn(32, 3, requires_grad=True)
         >>> t = torch.randn(32, 3)
-        >>> loss = 1e-3 * sinkhorn_loss(s, t)
+        >>> loss = 1e-3 * kd_kernels.sinkhorn_loss(s, t)
         >>> loss.backward()
     """
     name = "sinkhorn_loss"
@@ -75,9 +83,7 @@ def sinkhorn_loss(
         names=("student_logits", "teacher_logits"),
         same_last_dim=True,
     )
-    check_number(name, "temperature", temperature, positive=True)
-    check_number(name, "epsilon", epsilon, positive=True)
-    check_number(name, "n_iters", n_iters, integer=True, lo=1)
+    check_args(name, _LOSS_ARGS, temperature=temperature, epsilon=epsilon, n_iters=n_iters, backend=backend)
     backend = resolve_backend(backend, student_logits.device, loss=name, kernels=_KERNELS)
     return _ops.sinkhorn_loss_fwd(
         student_logits,
@@ -94,11 +100,14 @@ def _check_marginal(label: str, value, size: int, batch: int | None, cost: torch
     if value is None:
         return
     shapes = [(size,)] if batch is None else [(size,), (batch, size)]
-    doc = " or ".join(str(list(s)) for s in shapes)
+    # symbolic in the messages: str() of a concrete size would specialise it under torch.compile
+    dim = "n" if label == "a" else "m"
+    doc = f"[{dim}]" if batch is None else f"[{dim}] or [B, {dim}]"
     check_tensor("sinkhorn", label, value, doc)
     if tuple(value.shape) not in shapes:
+        expected = " or ".join(str(list(s)) for s in shapes)  # concrete, built only to raise
         raise ValueError(
-            f"sinkhorn: {label} must have shape {doc} to match cost {tuple(cost.shape)}, got {tuple(value.shape)}"
+            f"sinkhorn: {label} must have shape {expected} to match cost {tuple(cost.shape)}, got {tuple(value.shape)}"
         )
     if value.device != cost.device:
         raise ValueError(f"sinkhorn: {label} is on {value.device} but cost is on {cost.device}; put both on one device")
@@ -159,7 +168,7 @@ def sinkhorn(
 
         >>> x, y = torch.randn(8, 50, 2), torch.randn(8, 60, 2)
         >>> cost = torch.cdist(x, y).pow(2).requires_grad_()
-        >>> plan = sinkhorn(cost, epsilon=0.05, n_iters=50)
+        >>> plan = kd_kernels.sinkhorn(cost, epsilon=0.05, n_iters=50)
         >>> loss = (plan * cost).sum()
         >>> loss.backward()
     """
@@ -168,10 +177,11 @@ def sinkhorn(
     if cost.dim() not in (2, 3):
         raise ValueError(f"{name}: cost must have shape [B, n, m] or [n, m], got {tuple(cost.shape)}")
     n, m = cost.shape[-2], cost.shape[-1]
+    if cost.dim() == 3 and cost.shape[0] == 0:
+        raise ValueError(f"{name}: cost [B, n, m] must have at least one problem (B >= 1), got {tuple(cost.shape)}")
     if n < 1 or m < 1:
         raise ValueError(f"{name}: cost [.., n, m] needs n >= 1 and m >= 1, got {tuple(cost.shape)}")
-    check_number(name, "epsilon", epsilon, positive=True)
-    check_number(name, "n_iters", n_iters, integer=True, lo=1)
+    check_args(name, _PLAN_ARGS, epsilon=epsilon, n_iters=n_iters, backend=backend)
     batch = cost.shape[0] if cost.dim() == 3 else None
     _check_marginal("a", a, n, batch, cost)
     _check_marginal("b", b, m, batch, cost)
@@ -186,21 +196,12 @@ def sinkhorn(
     return plan if batch is not None else plan.squeeze(0)
 
 
-class SinkhornLoss(nn.Module):
-    """Module form of :func:`sinkhorn_loss` (SinKD); see the function for the math.
-
-    Args:
-        temperature: softmax temperature (> 0). Default 2.0.
-        epsilon: entropic regularisation (> 0). Default 0.1.
-        n_iters: row/column normalisation rounds (int >= 1). Default 20.
-        backend: ``"auto" | "cuda" | "triton" | "torch"``.
-
-    Shape:
-        - student_logits, teacher_logits: ``[B, C]``. Output: 0-dim, the student's dtype.
+class SinkhornLoss(LossModule, function=sinkhorn_loss, spec=_LOSS_ARGS):
+    """Module form of :func:`sinkhorn_loss` (SinKD); ``forward(student_logits, teacher_logits)``.
 
     Example::
 
-        >>> crit = SinkhornLoss()
+        >>> crit = kd_kernels.SinkhornLoss()
         >>> s = torch.randn(16, 2, requires_grad=True)
         >>> loss = 1e-3 * crit(s, torch.randn(16, 2))
         >>> loss.backward()
@@ -214,11 +215,7 @@ class SinkhornLoss(nn.Module):
         n_iters: int = 20,
         backend: str = "auto",
     ):
-        super().__init__()
-        self.temperature = temperature
-        self.epsilon = epsilon
-        self.n_iters = n_iters
-        self.backend = backend
+        super().__init__(temperature=temperature, epsilon=epsilon, n_iters=n_iters, backend=backend)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return sinkhorn_loss(
@@ -228,9 +225,4 @@ class SinkhornLoss(nn.Module):
             epsilon=self.epsilon,
             n_iters=self.n_iters,
             backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, epsilon={self.epsilon}, n_iters={self.n_iters}, backend={self.backend!r}"
         )

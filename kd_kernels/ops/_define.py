@@ -80,7 +80,7 @@ def cuda_function(name: str, *, precision: bool = False) -> Callable:
     def call(*args):
         ext = _backend.load_extension()
         if ext is None:
-            raise RuntimeError(f"{name}: the compiled extension kd_kernels._C did not load ({_backend.extension_error()})")
+            raise RuntimeError(f"{name}: the compiled extension kd_kernels._C did not load ({_backend.extension_status()})")
         fn = getattr(ext, name, None)
         if fn is None:
             raise RuntimeError(f"{name}: kd_kernels._C has no function {name!r} (rebuild the extension)")

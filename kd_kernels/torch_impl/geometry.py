@@ -331,9 +331,20 @@ def procrustes_forward(student, teacher, mask, center: bool):
     x, y, w, n = _inputs(student, teacher, mask)
     xb, mu_x, s_x = _prep(x, w, n, center, FROB)
     yb, mu_y, s_y = _prep(y, w, n, center, FROB)
-    u, sv, vh = torch.linalg.svd(torch.bmm(xb.transpose(1, 2), yb), full_matrices=False)
+    m = torch.bmm(xb.transpose(1, 2), yb)
+    # Non-finite input (NaN/inf, or an item without kept rows): LAPACK/cuSOLVER would raise
+    # torch._LinAlgError. Such items get the SVD of 0 instead and NaN results (loss and, through
+    # the polar factor, gradients), selected on the device: no host sync.
+    bad = ~torch.isfinite(m).all(dim=(1, 2))  # [B]
+    m = torch.where(bad[:, None, None], 0.0, m)
+    try:
+        u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    except torch.linalg.LinAlgError as err:  # finite but did not converge (not seen in practice)
+        raise RuntimeError(f"procrustes_loss: the SVD of X̄ᵀȲ did not converge: {err}") from None
+    sv = torch.where(bad[:, None], torch.nan, sv)
     tol = sv[:, :1] * torch.finfo(sv.dtype).eps  # only the SVD's noise floor: docs/geometry.md §7
     polar = torch.bmm(u * (sv > tol).to(sv.dtype)[:, None, :], vh)
+    polar = torch.where(bad[:, None, None], torch.nan, polar)
     loss = (2 - 2 * sv.sum(dim=1)).mean().to(student.dtype)
     return loss, (mu_x, s_x, mu_y, s_y, polar)
 

@@ -15,6 +15,12 @@ Masks: ``ignore_mask`` is a bool ``[N]`` tensor (True = drop the row) or None. D
 get zero loss and zero gradient (selected with ``torch.where``, so garbage such as inf/NaN
 logits in a dropped row never leaks into the result). No host syncs: every count is a
 device tensor and every loop runs over static shapes.
+
+Non-finite logits: NaN or +inf in a kept row gives a NaN row loss. −inf is a class of
+probability 0 (vocabulary masking): terms ``p * (log p - log q)`` with ``p == 0`` are 0
+(``_plog``), so −inf in student and teacher at the same classes contributes 0 with zero
+gradient there, and a −inf student logit where the teacher has mass gives +inf (forward KL),
+as the math says; bounded losses (JSD, TVD) stay finite.
 """
 
 from __future__ import annotations
@@ -101,16 +107,23 @@ def _jsd_mode(kind: str, beta: float) -> str:
     return kind
 
 
+def _plog(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``p * d`` with ``0 * d = 0`` where ``p == 0`` (a class of probability 0: a -inf logit,
+    vocabulary masking, where ``d`` is ``-inf - -inf = NaN`` or ``±inf``). NaN in ``p`` (NaN
+    input) fails ``p == 0`` and still propagates; ``p > 0`` with ``d = inf`` gives inf (KL)."""
+    return torch.where(p == 0, 0.0, p * d)
+
+
 def _row_loss(mode: str, ls: torch.Tensor, lt: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
     """Per-row loss of one chunk (before masking)."""
     if mode in ("kd", "forward_kl"):
-        row = (lt.exp() * (lt - ls)).sum(1)
+        row = _plog(lt.exp(), lt - ls).sum(1)
         return row * temperature**2 if mode == "kd" else row
     if mode == "reverse_kl":
-        return (ls.exp() * (ls - lt)).sum(1)
+        return _plog(ls.exp(), ls - lt).sum(1)
     if mode == "jsd":
         log_m = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        return beta * (lt.exp() * (lt - log_m)).sum(1) + (1.0 - beta) * (ls.exp() * (ls - log_m)).sum(1)
+        return beta * _plog(lt.exp(), lt - log_m).sum(1) + (1.0 - beta) * _plog(ls.exp(), ls - log_m).sum(1)
     if mode == "tvd":
         return 0.5 * (lt.exp() - ls.exp()).abs().sum(1)
     raise ValueError(f"unknown logit divergence {mode!r}")
@@ -125,22 +138,22 @@ def _row_grads(mode: str, ls, lt, temperature: float, beta: float, need_student:
         if need_student:
             gs = scale * (q - p)
         if need_teacher:
-            d = lt - ls
-            gt = scale * p * (d - (p * d).sum(1, keepdim=True))
+            pd = _plog(p, lt - ls)  # p (d - <p, d>) = pd - p <1, pd>, 0 on masked classes
+            gt = scale * (pd - p * pd.sum(1, keepdim=True))
     elif mode == "reverse_kl":
         if need_student:
-            d = ls - lt
-            gs = q * (d - (q * d).sum(1, keepdim=True)) / temperature
+            qd = _plog(q, ls - lt)
+            gs = (qd - q * qd.sum(1, keepdim=True)) / temperature
         if need_teacher:
             gt = (p - q) / temperature
     elif mode == "jsd":
         log_m = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
         if need_student:
-            d = ls - log_m
-            gs = (1.0 - beta) / temperature * q * (d - (q * d).sum(1, keepdim=True))
+            qd = _plog(q, ls - log_m)
+            gs = (1.0 - beta) / temperature * (qd - q * qd.sum(1, keepdim=True))
         if need_teacher:
-            d = lt - log_m
-            gt = beta / temperature * p * (d - (p * d).sum(1, keepdim=True))
+            pd = _plog(p, lt - log_m)
+            gt = beta / temperature * (pd - p * pd.sum(1, keepdim=True))
     elif mode == "tvd":
         g = 0.5 * torch.sign(q - p)
         if need_student:
@@ -549,6 +562,9 @@ def grkd_fwd(
         _, x, mask = _grkd_tile(zs, zt, None if top_idx is None else top_idx[a:b], i0, i1, temperature)
         row_sum[a:b] += torch.where(mask, F.softplus(x), 0.0).sum((1, 2))
         pairs[a:b] += mask.sum((1, 2))
+        if i0 == 0:  # NaN carrier: a NaN/+inf teacher logit makes no pair (comparisons are False)
+            # but must still give a NaN row; amax is NaN/+inf then, and finite with -inf (masked) classes
+            row_sum[a:b] += zt.amax(1) * 0.0
     rows = torch.where(keep, row_sum / pairs.clamp_min(1).to(dtype), 0.0)
     return rows.sum() / keep.sum().clamp_min(1).to(dtype), pairs
 

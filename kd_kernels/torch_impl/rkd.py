@@ -124,7 +124,11 @@ def rkd_distance_fwd(
         r1 = min(n, r0 + rows)
         sum_s += _dist_block(s, r0, r1)[0].sum()
         sum_t += _dist_block(t, r0, r1)[0].sum()
-    mu_s, mu_t = sum_s / m, sum_t / m
+    # NaN carrier: a NaN/inf input row gives NaN E entries, which the clamp mask (E >= 1e-12 is
+    # False for NaN) would turn into finite distances; 0 * sum(s_i) is NaN for any non-finite
+    # input and 0 otherwise, so mu (and through it the loss and, saved, both gradients) is NaN.
+    mu_s = sum_s / m + 0.0 * s[2].sum()
+    mu_t = sum_t / m + 0.0 * t[2].sum()
     out = student.new_empty((n, n), dtype=dtype) if reduction == "none" else student.new_zeros((), dtype=dtype)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kd_kernels._backend import TRITON_INTERPRET
-from kd_kernels.triton._tiles import clamp1, dot_precision, policy_dot, smooth_l1, sqdist_near
+from kd_kernels.triton._tiles import clamp1, dot_precision, nan_carrier, policy_dot, smooth_l1, sqdist_near
 from kd_kernels.triton.rkd_distance import TAU, check_inputs, pick_pair_config
 
 __all__ = ["ANGLE_CONFIGS", "pick_angle_config", "rkd_angle_bwd_triton", "rkd_angle_fwd_triton"]
@@ -30,35 +30,30 @@ __all__ = ["ANGLE_CONFIGS", "pick_angle_config", "rkd_angle_bwd_triton", "rkd_an
 _EPS = 1e-12
 
 # Launch configurations of the triple kernels (the E buffer uses the distance table).
-# "e_route": 64x64 (b, c) tiles of elementwise fp32 work on E loads; 8 warps keep ~16 values
-# of each [64, 64] temporary per thread (no spills), no dot, so no pipelining (1 stage).
+# "e_route": 64x32 (b, c) tiles of elementwise fp32 work on E loads, 8 warps, no dot, so no
+# pipelining (1 stage). 64x64 tiles hit the 255-register cap and spilled 52 B (fp32, sm_80,
+# odd shape).
 # "explicit": the near-anchor kernels (rare) hold two psi accumulators, U and the g chunk, all
 # from 3xTF32 dots of fp32 difference tiles (hi/lo splits in registers): 32x32 tiles with a
-# 32-column D chunk at 4 warps, 1 stage (the tiles are built in registers: no cp.async);
-# 64-wide tiles spilled on sm_80 and sm_90.
+# 32-column D chunk, 8 warps, 1 stage (the tiles are built in registers: no cp.async). At 4
+# warps they hit the 255-register cap and spilled 140-316 B at the odd shape.
+# maxnreg=255 on both: at 8 warps ptxas's occupancy heuristic otherwise holds them at 80-128
+# registers and spills 4-80 B. With it (compile gate, sm_80/sm_90): E-route kernels 72-162
+# registers, explicit backward 112-250 (one 8-warp program per SM there: the rare path).
 # "interpret": 32-wide tiles (cheap to interpret; N = 40 spans two tiles).
 # TARGET_PROGRAMS: the E-route backward splits anchors over grid axis 2 until about this many
 # programs exist (several waves on a 132-SM GPU); the interpreter takes one split.
 ANGLE_CONFIGS = {
-    "e_route": dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=1),
-    "explicit": dict(BLOCK_B=32, BLOCK_C=32, BLOCK_K=32, num_warps=4, num_stages=1),
+    "e_route": dict(BLOCK_B=64, BLOCK_C=32, num_warps=8, num_stages=1, maxnreg=255),
+    "explicit": dict(BLOCK_B=32, BLOCK_C=32, BLOCK_K=32, num_warps=8, num_stages=1, maxnreg=255),
     "interpret_e_route": dict(BLOCK_B=32, BLOCK_C=32, num_warps=4, num_stages=1),
     "interpret_explicit": dict(BLOCK_B=32, BLOCK_C=32, BLOCK_K=32, num_warps=4, num_stages=1),
 }
 TARGET_PROGRAMS = 1024
 
-# Compile-gate spill allowances (bytes of spill stores + loads per thread), each with its why.
-# _rkd_angle_bwd_explicit_kernel: the v-form backward of near anchors (docs/rkd.md section 4)
-#   holds both networks' explicit psi tiles, their norms and the g accumulator at once; at the
-#   odd (unaligned, 1-stage) shape it spills 140-316 B stores per thread (sm_80/sm_90). It runs
-#   only for anchors with a near-duplicate row (rare), so the spill costs nothing in the common
-#   case; the next step is BLOCK_K=16 or splitting student and teacher into two programs.
-# _rkd_angle_bwd_kernel: the E-route backward, fp32 on sm_80 at the odd shape only (52 B,
-#   seen in --full mode; sm_90 and the aligned shape are clean).
-GATE_SPILL_ALLOWANCE = {
-    "_rkd_angle_bwd_explicit_kernel": (600, "near-anchor v-form backward, rare path; see comment"),
-    "_rkd_angle_bwd_kernel": (128, "fp32 sm_80 odd shape only; see comment"),
-}
+# Compile-gate spill allowances (bytes of spill stores + loads per thread), each with its why:
+# none (every configuration above compiles without spills on sm_80 and sm_90).
+GATE_SPILL_ALLOWANCE: dict[str, tuple[int, str]] = {}
 
 
 def pick_angle_config(kind: str) -> dict:
@@ -402,6 +397,7 @@ def rkd_angle_fwd_triton(student: torch.Tensor, teacher: torch.Tensor, reduction
         student, teacher, flags, partial_x, *_xy_sizes(student, teacher), PREC=prec, EPS=_EPS, **xcfg
     )
     per_anchor = partial.sum(dim=1) + partial_x.sum(dim=1)  # each anchor has one nonzero part
+    per_anchor = per_anchor + nan_carrier(student, teacher)  # NaN for a non-finite input
     if reduction == "none":
         loss = per_anchor / float(n * n)
     elif reduction == "mean":
@@ -462,7 +458,9 @@ def rkd_angle_bwd_triton(
         _rkd_angle_bwd_explicit_kernel[(n, triton.cdiv(n, xcfg["BLOCK_B"]))](
             x, y, flags, w, dx, *_xy_sizes(x, y), SIGN=sign, PREC=prec, EPS=_EPS, **xcfg
         )
-        return dx.to(x.dtype)
+        return (dx + carrier).to(x.dtype)
+
+    carrier = nan_carrier(student, teacher)  # as in the forward: NaN for a non-finite input
 
     grad_s = side_grad(student, teacher, zs, 1.0) if need_student else None
     grad_t = side_grad(teacher, student, zt, -1.0) if need_teacher else None

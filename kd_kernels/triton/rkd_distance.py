@@ -21,6 +21,7 @@ from kd_kernels.triton._tiles import (
     dot_precision,
     load_centred,
     load_centred_f32,
+    nan_carrier,
     policy_dot,
     smooth_l1,
     sqdist_near,
@@ -365,6 +366,10 @@ def rkd_distance_fwd_triton(
     # N = 1: 0/0 = NaN, as the reference's empty mean; two separate sums, so the returned
     # means do not alias each other (custom ops may not return aliased outputs)
     mu_s, mu_t = (partial[:, k].sum() / float(n * (n - 1)) for k in range(2))
+    # NaN carrier: the kernels' clamp mask maps NaN distances to the clamp; a NaN mean reaches the
+    # loss and, saved for the backward, both gradients
+    mu_s = mu_s + nan_carrier(student)
+    mu_t = mu_t + nan_carrier(teacher)
     mu = torch.stack([mu_s, mu_t])
     if reduction == "none":
         out = torch.empty(n, n, device=student.device, dtype=student.dtype)
@@ -425,7 +430,7 @@ def rkd_distance_bwd_triton(
         dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
         p, s = _pair_args(x, y)
         _rkd_distance_bwd_kernel[grid](*p, mu_xy, c_x, *gargs, dx, *s, SIGN=sign, GRAD_IS_MATRIX=is_matrix, **kw)
-        return dx.to(x.dtype)
+        return (dx + mu_xy.sum().mul(0.0)).to(x.dtype)  # NaN mean (non-finite input) -> NaN gradient
 
     grad_s = side_grad(student, teacher, mu, c[0:1], 1.0) if need_student else None
     grad_t = side_grad(teacher, student, mu.flip(0), c[1:2], -1.0) if need_teacher else None
