@@ -9,7 +9,7 @@ BIN         := $(VENV)/bin
 # A CUDA build of torch: it runs on the CPU and lets the CUDA extension compile and link
 # without a GPU. The GPU machine installs against its own torch (benchmarks/gpu_check.sh).
 TORCH_SPEC  ?= torch==2.14.1
-DEPS        := numpy pytest pytest-benchmark ninja pybind11 scikit-learn tqdm
+DEPS        := numpy pytest pytest-benchmark ninja pybind11 scikit-learn tqdm matplotlib
 # auto: build kd_kernels._C when torch is a CUDA build and nvcc is found; 1: must build; 0: never.
 export KD_KERNELS_BUILD_CUDA ?= auto
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
