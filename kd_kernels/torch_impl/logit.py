@@ -63,14 +63,26 @@ def _keep_rows(ignore_mask: torch.Tensor | None, n: int, device: torch.device) -
     return ~ignore_mask.to(torch.bool)
 
 
-def _log_probs(z: torch.Tensor, temperature: float, dtype: torch.dtype, lse: torch.Tensor | None = None):
+def _log_probs(
+    z: torch.Tensor, temperature: float, dtype: torch.dtype, lse: torch.Tensor | None = None, fused: bool = True
+):
     """log_softmax(z/T) of one chunk in ``dtype``; also returns the row log-sum-exp of z/T.
 
     With ``lse`` given (backward) the saved statistic is reused, not recomputed.
     """
-    x = z.to(dtype) / temperature
-    if lse is None:
+    if lse is not None:  # backward: z/T - lse in one pass
+        return torch.add(lse.to(dtype).neg()[:, None], z.to(dtype), alpha=1.0 / temperature), lse
+    x = z.to(dtype)
+    if temperature != 1.0:
+        x = x / temperature
+    if lse is None and not fused:  # the rows exactly as the backward rebuilds them (x - lse)
         lse = torch.logsumexp(x, dim=1)
+    if lse is None:
+        # One fused log_softmax pass; the log-sum-exp is read off at the row maximum, where
+        # log_softmax = (x_max - max) - log S = -log S exactly: lse = max + log S, as logsumexp.
+        ls = F.log_softmax(x, dim=1)
+        mx, idx = x.max(dim=1, keepdim=True)
+        return ls, (mx - ls.gather(1, idx)).squeeze(1)
     return x - lse[:, None], lse
 
 
@@ -114,16 +126,26 @@ def _plog(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.where(p == 0, 0.0, p * d)
 
 
+def _plog_(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """:func:`_plog` in place in ``d`` (a temporary): ``d *= p``, then 0 where ``p == 0``."""
+    return d.mul_(p).masked_fill_(p == 0, 0.0)
+
+
+def _plog_sum(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Row sums of :func:`_plog` (``d`` is a temporary, zeroed in place where ``p == 0``)."""
+    return torch.einsum("ij,ij->i", p, d.masked_fill_(p == 0, 0.0))
+
+
 def _row_loss(mode: str, ls: torch.Tensor, lt: torch.Tensor, temperature: float, beta: float) -> torch.Tensor:
     """Per-row loss of one chunk (before masking)."""
     if mode in ("kd", "forward_kl"):
-        row = _plog(lt.exp(), lt - ls).sum(1)
+        row = _plog_sum(lt.exp(), lt - ls)
         return row * temperature**2 if mode == "kd" else row
     if mode == "reverse_kl":
-        return _plog(ls.exp(), ls - lt).sum(1)
+        return _plog_sum(ls.exp(), ls - lt)
     if mode == "jsd":
         log_m = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        return beta * _plog(lt.exp(), lt - log_m).sum(1) + (1.0 - beta) * _plog(ls.exp(), ls - log_m).sum(1)
+        return beta * _plog_(lt.exp(), lt - log_m).sum(1) + (1.0 - beta) * _plog_(ls.exp(), ls - log_m).sum(1)
     if mode == "tvd":
         return 0.5 * (lt.exp() - ls.exp()).abs().sum(1)
     raise ValueError(f"unknown logit divergence {mode!r}")
@@ -131,35 +153,38 @@ def _row_loss(mode: str, ls: torch.Tensor, lt: torch.Tensor, temperature: float,
 
 def _row_grads(mode: str, ls, lt, temperature: float, beta: float, need_student: bool, need_teacher: bool):
     """d(row loss)/dz_s and d(row loss)/dz_t for one chunk (None where not needed)."""
-    q, p = ls.exp(), lt.exp()
     gs = gt = None
+    if mode in ("kd", "forward_kl") and not need_teacher:  # the common case, in place: q - p
+        scale = temperature if mode == "kd" else 1.0 / temperature
+        return ls.exp_().sub_(lt.exp_()).mul_(scale), None
+    q, p = ls.exp(), lt.exp()
     if mode in ("kd", "forward_kl"):
         scale = temperature if mode == "kd" else 1.0 / temperature  # T^2 / T or 1 / T
         if need_student:
-            gs = scale * (q - p)
+            gs = torch.sub(q, p).mul_(scale)
         if need_teacher:
-            pd = _plog(p, lt - ls)  # p (d - <p, d>) = pd - p <1, pd>, 0 on masked classes
+            pd = _plog_(p, lt - ls)  # p (d - <p, d>) = pd - p <1, pd>, 0 on masked classes
             gt = scale * (pd - p * pd.sum(1, keepdim=True))
     elif mode == "reverse_kl":
         if need_student:
-            qd = _plog(q, ls - lt)
-            gs = (qd - q * qd.sum(1, keepdim=True)) / temperature
+            qd = _plog_(q, ls - lt)
+            gs = qd.sub_(q * qd.sum(1, keepdim=True)).div_(temperature)
         if need_teacher:
-            gt = (p - q) / temperature
+            gt = torch.sub(p, q).div_(temperature)
     elif mode == "jsd":
         log_m = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
         if need_student:
-            qd = _plog(q, ls - log_m)
+            qd = _plog_(q, ls - log_m)
             gs = (1.0 - beta) / temperature * (qd - q * qd.sum(1, keepdim=True))
         if need_teacher:
-            pd = _plog(p, lt - log_m)
+            pd = _plog_(p, lt - log_m)
             gt = beta / temperature * (pd - p * pd.sum(1, keepdim=True))
     elif mode == "tvd":
-        g = 0.5 * torch.sign(q - p)
+        g = torch.sub(q, p).sign_().mul_(0.5)
         if need_student:
-            gs = q * (g - (q * g).sum(1, keepdim=True)) / temperature
+            gs = (g - (q * g).sum(1, keepdim=True)).mul_(q).div_(temperature)
         if need_teacher:
-            gt = p * ((p * g).sum(1, keepdim=True) - g) / temperature
+            gt = ((p * g).sum(1, keepdim=True) - g).mul_(p).div_(temperature)
     else:
         raise ValueError(f"unknown logit divergence {mode!r}")
     return gs, gt
@@ -195,7 +220,7 @@ def divergence_fwd(
         ls, lse_s[a:b] = _log_probs(student[a:b], temperature, dtype)
         lt, lse_t[a:b] = _log_probs(teacher[a:b], temperature, dtype)
         row = _row_loss(mode, ls, lt, temperature, beta)
-        row_loss[a:b] = torch.where(keep[a:b], row, 0.0)
+        row_loss[a:b] = row if ignore_mask is None else torch.where(keep[a:b], row, 0.0)
     return row_loss, lse_s, lse_t
 
 
@@ -234,10 +259,15 @@ def divergence_bwd(
         gs, gt = _row_grads(mode, ls, lt, temperature, beta, need_student, need_teacher)
         w = grad_row[a:b, None]
         kept = keep[a:b, None]
-        if need_student:
-            gs_out[a:b] = torch.where(kept, gs * w, 0.0)
-        if need_teacher:
-            gt_out[a:b] = torch.where(kept, gt * w, 0.0)
+        for need, g, g_out in ((need_student, gs, gs_out), (need_teacher, gt, gt_out)):
+            if not need:
+                continue
+            if ignore_mask is not None:  # dropped rows: 0 even where the row is NaN/inf
+                g_out[a:b] = g.mul_(w).masked_fill_(~kept, 0.0)
+            elif g_out.dtype == g.dtype:
+                torch.mul(g, w, out=g_out[a:b])
+            else:
+                g_out[a:b] = g.mul_(w)
     return gs_out, gt_out
 
 
@@ -417,19 +447,23 @@ def dist_fwd(
     step = chunk_rows_for(c, chunk_rows)
     for a in range(0, n_rows, step):
         b = min(a + step, n_rows)
-        ls, lse_s[a:b] = _log_probs(student[a:b], temperature, dtype)
-        lt, lse_t[a:b] = _log_probs(teacher[a:b], temperature, dtype)
+        ls, lse_s[a:b] = _log_probs(student[a:b], temperature, dtype, fused=False)
+        lt, lse_t[a:b] = _log_probs(teacher[a:b], temperature, dtype, fused=False)
         kept = keep[a:b, None]
-        ys, yt = torch.where(kept, ls.exp(), 0.0), torch.where(kept, lt.exp(), 0.0)
+        masked = ignore_mask is not None  # without a mask every w is 1: skip the selects
+        if masked:
+            ys, yt = torch.where(kept, ls.exp(), 0.0), torch.where(kept, lt.exp(), 0.0)
+        else:
+            ys, yt = ls.exp_(), lt.exp_()
         w = keep[a:b].to(dtype)
         _, _, n, m, s = _row_centred(ys, yt)
         inter_sum = inter_sum + (w * (s / (n * m + DIST_EPS)).squeeze(1)).sum()
         # chunk-local class moments over the kept rows, then Chan's pairwise merge
         nb = w.sum()
-        mean_bs = (w[:, None] * ys).sum(0) / nb.clamp_min(1)
-        mean_bt = (w[:, None] * yt).sum(0) / nb.clamp_min(1)
-        ds = (ys - mean_bs) * w[:, None]
-        dt = (yt - mean_bt) * w[:, None]
+        mean_bs = ((w[:, None] * ys) if masked else ys).sum(0) / nb.clamp_min(1)
+        mean_bt = ((w[:, None] * yt) if masked else yt).sum(0) / nb.clamp_min(1)
+        ds = (ys - mean_bs).mul_(w[:, None]) if masked else ys - mean_bs
+        dt = (yt - mean_bt).mul_(w[:, None]) if masked else yt - mean_bt
         total = count + nb
         frac_b = nb / total.clamp_min(1)
         cross = count * frac_b  # n_a n_b / (n_a + n_b)
@@ -481,19 +515,26 @@ def dist_bwd(
         ls, _ = _log_probs(student[a:b], temperature, dtype, lse_s[a:b].to(dtype))
         lt, _ = _log_probs(teacher[a:b], temperature, dtype, lse_t[a:b].to(dtype))
         kept = keep[a:b, None]
-        ys, yt = torch.where(kept, ls.exp(), 0.0), torch.where(kept, lt.exp(), 0.0)
+        masked = ignore_mask is not None  # without a mask every w is 1: skip the selects
+        if masked:
+            ys, yt = torch.where(kept, ls.exp(), 0.0), torch.where(kept, lt.exp(), 0.0)
+        else:
+            ys, yt = ls.exp_(), lt.exp_()
         w = kept.to(dtype)
         ra, rb, n, m, s = _row_centred(ys, yt)
         row_ga, row_gb = _pearson_grads(ra, rb, n, m, s, need_student, need_teacher)
-        col_ga, col_gb = _pearson_grads((ys - mu_s) * w, (yt - mu_t) * w, n_c, m_c, s_c, need_student, need_teacher)
+        ca, cb = (ys - mu_s, yt - mu_t) if not masked else ((ys - mu_s) * w, (yt - mu_t) * w)
+        col_ga, col_gb = _pearson_grads(ca, cb, n_c, m_c, s_c, need_student, need_teacher)
         for need, y, row_g, col_g, out in (
             (need_student, ys, row_ga, col_ga, gs_out),
             (need_teacher, yt, row_gb, col_gb, gt_out),
         ):
             if need:
-                g = w * (row_scale * row_g + col_scale * col_g)
-                dz = y * (g - (g * y).sum(1, keepdim=True)) / temperature
-                out[a:b] = torch.where(kept, dz, 0.0)
+                g = torch.add(row_g.mul_(row_scale), col_g.mul_(col_scale))
+                if masked:
+                    g.mul_(w)
+                dz = (g - (g * y).sum(1, keepdim=True)).mul_(y).div_(temperature)
+                out[a:b] = torch.where(kept, dz, 0.0) if masked else dz
     return gs_out, gt_out
 
 
@@ -530,7 +571,9 @@ def _grkd_tile(zs, zt, top_idx, i0, i1, temperature):
     else:
         ii = top_idx[:, i0:i1]
         si, ti = zs.gather(1, ii), zt.gather(1, ii)
-    x = (zs[:, None, :] - si[:, :, None]) / temperature  # -(z_i - z_j)/τ, [rows, bi, C]
+    if temperature != 1.0:  # divide the [rows, C] operands, not the [rows, bi, C] pair tile
+        zs, si = zs / temperature, si / temperature
+    x = zs[:, None, :] - si[:, :, None]  # -(z_i - z_j)/τ, [rows, bi, C]
     mask = ti[:, :, None] > zt[:, None, :]
     return ii, x, mask
 
@@ -590,9 +633,14 @@ def grkd_bwd(
     for a, b, i0, i1 in _grkd_tiles(n_rows, c, top_k, tile_elements):
         zs, zt = student[a:b].to(dtype), teacher[a:b].to(dtype)
         ii, x, mask = _grkd_tile(zs, zt, None if top_idx is None else top_idx[a:b], i0, i1, temperature)
-        dsp = torch.where(x > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(x))
-        # dL/dz_j per pair (dL/dz_i = -pg); dropped rows have weight 0 and are selected out
-        pg = torch.where(mask & keep[a:b, None, None], dsp * weight[a:b, None, None], 0.0)
+        if dtype == torch.float64:  # softplus is the identity above the threshold
+            dsp = torch.where(x > _SOFTPLUS_THRESHOLD, 1.0, x.sigmoid())
+        else:  # fp32: sigmoid(x) rounds to exactly 1 for x > 20 (1 - 2e-9), no select needed
+            dsp = x.sigmoid_()
+        if ignore_mask is not None:  # dropped rows are selected out (NaN there must not leak)
+            mask &= keep[a:b, None, None]
+        # dL/dz_j per pair (dL/dz_i = -pg)
+        pg = torch.where(mask, dsp.mul_(weight[a:b, None, None]), 0.0)
         gs[a:b] += pg.sum(1)
         if ii is None:
             gs[a:b, i0:i1] -= pg.sum(2)

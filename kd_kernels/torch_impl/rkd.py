@@ -10,7 +10,10 @@ section numbers below refer to it. Implementation notes:
 * Squared distances come from the Gram route on the column-centred rows (§1), in row blocks of
   about 8M entries ([B, N] with B = 2^23 // N rows, 32 MB in fp32), recomputed in every pass
   instead of stored: distance forward = pass 1 (sum of d for mu) + pass 2 (loss); backward =
-  one pass. No N x N buffer unless reduction="none". The angle loss keeps one [N, N] E buffer
+  one pass. No N x N buffer unless reduction="none". When one block covers all rows (N^2 <=
+  2^23, N <= 2896: the buffers are at most 32 MB each) the distance loss takes the dense route
+  instead: each distance matrix is computed once per call, and the backward forms
+  A = (h' Gamma - 2 c / M) / d directly (c is known before the Laplacian), one GEMM per side. The angle loss keeps one [N, N] E buffer
   per network and runs over anchors in chunks of about 16M entries ([B, N, N] with
   B = 2^24 // N^2, 64 MB in fp32): no N x N x D and no N x N x N buffer.
 * Near-duplicate pairs (§4: E^gram_ij < 2^-6 (s_i + s_j)) are found per row block with
@@ -92,17 +95,21 @@ def _sqdist_block(xf: torch.Tensor, xc: torch.Tensor, sq: torch.Tensor, r0: int,
 # ---------------------------------------------------------------------------------------------
 
 
-def _dist_block(side: tuple, r0: int, r1: int):
+def _dist_block(side: tuple, r0: int, r1: int, need_active: bool = True):
     """Rows r0:r1 of the reference's distance matrix [B, N], the mask of pairs whose distance
-    carries a gradient (off-diagonal, E >= 1e-12), and the near pairs."""
+    carries a gradient (off-diagonal, E >= 1e-12; None unless ``need_active``), and the near
+    pairs. The clamp is the reference's ``clamp(min=1e-12)`` (NaN stays NaN), done in place."""
     e, bi, cj = _sqdist_block(*side, r0, r1)
-    active = e >= _EPS  # the diagonal is 0 here: never active
-    d = torch.where(active, e, _EPS).sqrt_()
+    active = e >= _EPS if need_active else None  # the diagonal is 0 here: never active
+    d = e.clamp_min_(_EPS).sqrt_()
     d.diagonal(offset=r0).zero_()
     return d, active, bi, cj
 
 
 def _block_rows(n: int, block_rows: int | None) -> int:
+    """Rows per block; ``>= n`` selects the dense single-block route (N^2 <= 2^23 by default,
+    i.e. N <= 2896), which computes each distance matrix once per call instead of once per pass
+    and folds the two Laplacian GEMMs of the backward into one."""
     return block_rows if block_rows is not None else max(1, _DIST_BLOCK_ELEMS // n)
 
 
@@ -118,12 +125,19 @@ def rkd_distance_fwd(
     s, t = _prepare(student, dtype), _prepare(teacher, dtype)
     rows = _block_rows(n, block_rows)
     m = n * (n - 1)
+    if rows >= n:  # dense route: each distance matrix once
+        ds, dt = _dist_block(s, 0, n, False)[0], _dist_block(t, 0, n, False)[0]
+        mu_s = ds.sum() / m + 0.0 * s[2].sum()  # NaN carrier: see below
+        mu_t = dt.sum() / m + 0.0 * t[2].sum()
+        terms = F.smooth_l1_loss(ds.div_(mu_s), dt.div_(mu_t), reduction="none" if reduction == "none" else "sum")
+        out = terms / (n * n) if reduction == "mean" else terms
+        return out.to(student.dtype), mu_s, mu_t
     sum_s = student.new_zeros((), dtype=dtype)
     sum_t = student.new_zeros((), dtype=dtype)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        sum_s += _dist_block(s, r0, r1)[0].sum()
-        sum_t += _dist_block(t, r0, r1)[0].sum()
+        sum_s += _dist_block(s, r0, r1, False)[0].sum()
+        sum_t += _dist_block(t, r0, r1, False)[0].sum()
     # NaN carrier: a NaN/inf input row gives NaN E entries, which the clamp mask (E >= 1e-12 is
     # False for NaN) would turn into finite distances; 0 * sum(s_i) is NaN for any non-finite
     # input and 0 otherwise, so mu (and through it the loss and, saved, both gradients) is NaN.
@@ -132,7 +146,7 @@ def rkd_distance_fwd(
     out = student.new_empty((n, n), dtype=dtype) if reduction == "none" else student.new_zeros((), dtype=dtype)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        ds, dt = _dist_block(s, r0, r1)[0], _dist_block(t, r0, r1)[0]
+        ds, dt = _dist_block(s, r0, r1, False)[0], _dist_block(t, r0, r1, False)[0]
         terms = F.smooth_l1_loss(ds.div_(mu_s), dt.div_(mu_t), reduction="none")
         if reduction == "none":
             out[r0:r1] = terms
@@ -157,6 +171,46 @@ def _explicit_pairs_add(xf: torch.Tensor, rows, cols, weights: list, outs: list)
         diff = xf[r] - xf[c]
         for w, out in zip(weights, outs):
             out.index_add_(0, r, diff * w[p0 : p0 + step, None])
+
+
+def _distance_bwd_dense(gam, s, t, mu_s, mu_t, reduction, need_student, need_teacher, student, teacher):
+    """Dense route of :func:`rkd_distance_bwd` (the whole [N, N] matrices at once): c_s, c_t
+    are known before the Laplacian, so A = (h' Gamma - 2 c / M) / d is formed directly and each
+    side takes one Laplacian GEMM, dX_s = Lap(A_s) X~ / mu_s, dX_t = -Lap(A_t) Y~ / mu_t
+    (docs/rkd.md §2; near pairs explicit, §4)."""
+    n = s[1].shape[0]
+    m = n * (n - 1)
+    ds, act_s, bi_s, cj_s = _dist_block(s, 0, n, need_student)
+    dt, act_t, bi_t, cj_t = _dist_block(t, 0, n, need_teacher)
+    inv_s = torch.where(act_s, ds.reciprocal(), 0) if need_student else None
+    inv_t = torch.where(act_t, dt.reciprocal(), 0) if need_teacher else None
+    dhat, that = ds.div_(mu_s), dt.div_(mu_t)
+    hp = (dhat - that).clamp_(-1, 1)
+    if reduction == "none":
+        hg = hp * gam
+        big_gam = gam + gam.T
+        c_s, c_t = torch.vdot(hg.view(-1), dhat.view(-1)), torch.vdot(hg.view(-1), that.view(-1))
+        hp.mul_(big_gam)
+    else:
+        c_s, c_t = gam * torch.vdot(hp.view(-1), dhat.view(-1)), gam * torch.vdot(hp.view(-1), that.view(-1))
+        hp.mul_(2 * gam)
+    out = []
+    for need, inv, side, bi, cj, c, mu, sign, x in (
+        (need_student, inv_s, s, bi_s, cj_s, c_s, mu_s, 1.0, student),
+        (need_teacher, inv_t, t, bi_t, cj_t, c_t, mu_t, -1.0, teacher),
+    ):
+        if not need:
+            out.append(None)
+            continue
+        a = (hp - 2 * c / m).mul_(inv)
+        lap = torch.zeros_like(side[1])
+        if bi.numel():  # near pairs: out of the Laplacian, added from explicit differences
+            w = a[bi, cj]
+            a[bi, cj] = 0
+            _explicit_pairs_add(side[0], bi, cj, [w], [lap])
+        lap += torch.addmm(a.sum(1, keepdim=True) * side[1], a, side[1], alpha=-1)
+        out.append((lap * (sign / mu)).to(x.dtype))
+    return out[0], out[1]
 
 
 @torch.no_grad()
@@ -184,6 +238,8 @@ def rkd_distance_bwd(
     gam = grad.to(dtype)
     if reduction == "mean":
         gam = gam / (n * n)
+    if rows >= n:
+        return _distance_bwd_dense(gam, s, t, mu_s, mu_t, reduction, need_student, need_teacher, student, teacher)
     c_s = student.new_zeros((), dtype=dtype)
     c_t = student.new_zeros((), dtype=dtype)
     # lap_*[0] accumulates Lap(h'Gamma/d) X~, lap_*[1] accumulates Lap(1/d) X~.
@@ -321,10 +377,14 @@ def rkd_angle_fwd(
 
 def _accumulate_z(z: torch.Tensor, u: torch.Tensor, psi: torch.Tensor, v: torch.Tensor, q: torch.Tensor, a0: int, a1: int):
     """Z += dL/dE of anchors a0:a1 (E route) given U = dL/dpsi [B, N, N]."""
+    b, n = v.shape
+    # sum_c P_a[b, c] = v_ab (U_a v_a)_b and sum_c U_abc psi_abc as batched GEMVs / dots: both
+    # read U once, with no [B, N, N] temporary; then P = U * v v^T is formed once for Z -= sum_a P / 2.
+    rows = torch.bmm(u, v.unsqueeze(2)).squeeze(2).mul_(v)
+    dots = torch.bmm(u.reshape(b * n, 1, n), psi.reshape(b * n, n, 1)).view(b, n)
+    z[a0:a1] += rows.sub_(q * dots)
     p = u * v.unsqueeze(2)
-    p.mul_(v.unsqueeze(1))
-    z -= 0.5 * p.sum(0)
-    z[a0:a1] += p.sum(2) - q * (u * psi).sum(2)
+    z -= 0.5 * p.mul_(v.unsqueeze(1)).sum(0)
 
 
 def _explicit_grad(dx: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, norm: torch.Tensor, idx: torch.Tensor):
@@ -360,7 +420,9 @@ def rkd_angle_bwd(
         a1 = min(n, a0 + step)
         ps, vs, qs = _psi_chunk(s[2], near, a0, a1)
         pt, vt, qt = _psi_chunk(t[2], near, a0, a1)
-        u = (ps - pt).clamp_(-1, 1).mul_(scale[a0:a1, None, None])
+        # U = h'(psi_s - psi_t) * w, in pt's storage when the teacher's psi is not needed again
+        u = torch.sub(ps, pt, out=pt) if z_t is None else ps - pt
+        u.clamp_(-1, 1).mul_(scale[a0:a1, None, None])
         if z_s is not None:
             _accumulate_z(z_s, u, ps, vs, qs, a0, a1)
         if z_t is not None:

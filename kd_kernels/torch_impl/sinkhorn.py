@@ -80,6 +80,11 @@ def _l1_cdist(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _l1_cdist_bwd(grad: torch.Tensor, p: torch.Tensor, q: torch.Tensor, need_p: bool, need_q: bool):
     """Gradients of sum_ij grad_ij D_ij w.r.t. p and q (None when not needed)."""
+    if p.device.type == "cpu":  # ATen's CPU L1 backward: no [B, B, C] buffer, one pass per side
+        empty = p.new_zeros(p.shape[0], q.shape[0])  # the distances: not read by ATen for p = 1
+        gp = torch.ops.aten._cdist_backward(grad.contiguous(), p, q, 1.0, empty) if need_p else None
+        gq = torch.ops.aten._cdist_backward(grad.T.contiguous(), q, p, 1.0, empty.T) if need_q else None
+        return gp, gq
     gp = torch.zeros_like(p) if need_p else None
     gq = torch.zeros_like(q) if need_q else None
     for rows, cls in _tiles(p.shape[0], q.shape[0], p.shape[1]):
@@ -137,14 +142,20 @@ def sinkhorn_loss_bwd(
     n_iters = u.shape[0] - 1
     g_cost = g * (u[n_iters, :, None] * kernel * v[n_iters, None, :])  # direct term g P
     g_plan = g * cost  # dL/dX_L
+    ones = u.new_ones(cost.shape[0])
+    # With M = G o K, X = diag(u_l) K diag(v_l), Y = diag(u_l) K diag(v_{l-1}), r = u_l / u_{l-1},
+    # c = v_l / v_{l-1}:  s = v_l o (M^T u_l),  t = u_l o (M v_l - K (s o v_l)),
+    #   G <- diag(r) (G diag(c) - 1 (s o c)^T - t 1^T)
+    # (the two steps above, with X and Y never formed: one B x B product, three passes over G).
     for it in range(n_iters, 0, -1):
-        x = u[it, :, None] * kernel * v[it, None, :]
-        s = (g_plan * x).sum(0)
-        g_y = (g_plan - s[None, :]) * (v[it] / v[it - 1])[None, :]
-        y = u[it, :, None] * kernel * v[it - 1, None, :]
-        t = (g_y * y).sum(1)
-        g_plan = (g_y - t[:, None]) * (u[it] / u[it - 1])[:, None]
-    g_cost -= g_plan * kernel / epsilon
+        ui, vi = u[it], v[it]
+        m = g_plan * kernel
+        s = vi * (m.T @ ui)
+        t = ui * (m @ vi - kernel @ (s * vi))
+        c = vi / v[it - 1]
+        g_plan.mul_(c[None, :]).addmm_(torch.stack((ones, t), 1), torch.stack((s * c, ones), 0), alpha=-1)
+        g_plan.mul_((ui / u[it - 1])[:, None])
+    g_cost -= g_plan.mul_(kernel).div_(epsilon)
     p = _softmax_rows(student, temperature, dt)
     q = _softmax_rows(teacher, temperature, dt)
     gp, gq = _l1_cdist_bwd(g_cost, p, q, need_student, need_teacher)
