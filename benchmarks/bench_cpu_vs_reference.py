@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import kd_kernels  # noqa: E402
-from kd_kernels.reference import geometry as ref_geo  # noqa: E402
-from kd_kernels.reference import logit as ref_logit  # noqa: E402
-from kd_kernels.reference import rkd as ref_rkd  # noqa: E402
-from kd_kernels.reference import sinkhorn as ref_sink  # noqa: E402
+import kd_kernels
+from kd_kernels.reference import geometry as ref_geo
+from kd_kernels.reference import logit as ref_logit
+from kd_kernels.reference import rkd as ref_rkd
+from kd_kernels.reference import sinkhorn as ref_sink
 
 Case = tuple[str, str, Callable[[], tuple], Callable, Callable]
 
@@ -80,7 +80,7 @@ def cases(quick: bool) -> list[Case]:
         for label, make in shapes[:1] if quick else shapes:
             out.append((loss, label, make, ref, tor))
 
-    feat = lambda n, ds, dt: (f"N={n}, Ds={ds}, Dt={dt}", _feat(n, ds, dt))  # noqa: E731
+    feat = lambda n, ds, dt: (f"N={n}, Ds={ds}, Dt={dt}", _feat(n, ds, dt))
     add(
         "rkd_distance_loss",
         [feat(256, 128, 256), feat(1024, 128, 256), feat(2048, 128, 256)],
@@ -94,9 +94,9 @@ def cases(quick: bool) -> list[Case]:
     add("cka_loss", geo, ref_geo.cka_loss, _torch("cka_loss"))
     add("relation_loss", geo, ref_geo.relation_loss, _torch("relation_loss"))
     add("procrustes_loss", geo, ref_geo.procrustes_loss, _torch("procrustes_loss"))
-    lg = lambda n, c: (f"N={n}, C={c}", _logits(n, c))  # noqa: E731
+    lg = lambda n, c: (f"N={n}, C={c}", _logits(n, c))
     add("sinkhorn_loss", [lg(64, 100), lg(128, 100), lg(128, 1000)], ref_sink.sinkhorn_loss, _torch("sinkhorn_loss"))
-    cs = lambda b, n, m: (f"B={b}, n={n}, m={m}", _cost(b, n, m))  # noqa: E731
+    cs = lambda b, n, m: (f"B={b}, n={n}, m={m}", _cost(b, n, m))
     add("sinkhorn", [cs(8, 64, 64), cs(4, 256, 256)], _wrap(ref_sink.sinkhorn), _torch("sinkhorn"))
     logit_shapes = [lg(256, 100), lg(1024, 1000), lg(64, 32000)]
     for name in ("kd_loss", "reverse_kl_loss", "jsd_loss", "tvd_loss", "dist_loss"):

@@ -318,9 +318,9 @@ _PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers(.*)")
 _PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
-_MMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:wgmma\.mma_async|mma\.sync|tcgen05\.mma)[.\w]*)", re.M)
-_ATOM = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:atom|red)\.[.\w]*)", re.M)
-_FENCE = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:fence\.(?:sc|acq_rel)|membar)[.\w]*)", re.M)
+_MMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:wgmma\.mma_async|mma\.sync|tcgen05\.mma)[.\w]*)", re.MULTILINE)
+_ATOM = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:atom|red)\.[.\w]*)", re.MULTILINE)
+_FENCE = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:fence\.(?:sc|acq_rel)|membar)[.\w]*)", re.MULTILINE)
 _SEMS = ("relaxed", "acquire", "release", "acq_rel", "sc")
 
 

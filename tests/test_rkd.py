@@ -268,7 +268,7 @@ def test_angle_n1_is_zero(backend, dtype):
     device = require(backend, "rkd_angle_loss")
     s, t = _inputs(1, 4, 3, dtype, teacher_grad=True, device=device)
     for reduction in REDUCTIONS:
-        fn = lambda a, b, **k: losses.rkd_angle_loss(a, b, backend=backend, **k)  # noqa: E731
+        fn = lambda a, b, **k: losses.rkd_angle_loss(a, b, backend=backend, **k)
         v, gs, gt = value_and_grads(fn, s, t, reduction=reduction)
         rv, rgs, rgt = value_and_grads(ref.rkd_angle_loss, s, t, reduction=reduction, dtype=F64)
         assert_close(v, rv, atol=0, rtol=0)

@@ -9,10 +9,10 @@ import importlib
 import inspect
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 import kd_kernels

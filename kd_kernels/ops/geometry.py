@@ -21,7 +21,6 @@ from kd_kernels.ops._define import define_loss_op
 from kd_kernels.torch_impl import geometry as _torch
 
 
-
 def _flat_forward(fn):
     """The torch_impl forward returns (loss, saved); the op returns (loss, *saved)."""
 

@@ -113,7 +113,7 @@ def explicit_sqdist(e, near, x_ptr, stride_n, stride_d, N, D, offs_i, offs_j):
     row_i = offs_i.to(tl.int64) * stride_n
     row_j = offs_j.to(tl.int64) * stride_n
     e = tl.where(near, 0.0, e)
-    for k in range(0, D):
+    for k in range(D):
         col = tl.cast(k, tl.int64) * stride_d
         xi = tl.load(x_ptr + row_i + col, mask=in_i, other=0.0).to(tl.float32)
         xj = tl.load(x_ptr + row_j + col, mask=in_j, other=0.0).to(tl.float32)

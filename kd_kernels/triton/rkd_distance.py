@@ -318,7 +318,7 @@ def _rkd_distance_bwd_kernel(
         tl.atomic_add(dx_ptr + out_i[:, None] + offs_k[None, :], upd, mask=m_i, sem="relaxed")
     if tl.max(near.to(tl.int32)) > 0:
         a_near = tl.where(near, a, 0.0)
-        for k in range(0, Dx):
+        for k in range(Dx):
             col = tl.cast(k, tl.int64) * stride_xd
             xi_k = tl.load(x_ptr + row_i + col, mask=in_i, other=0.0).to(tl.float32)
             xj_k = tl.load(x_ptr + row_j + col, mask=in_j, other=0.0).to(tl.float32)
