@@ -81,7 +81,7 @@ except ImportError:  # progress bars are a convenience, not a requirement
     tqdm = None
 
 TEACHER_WIDTHS = [64, 512, 512, 128]
-LOSSES = ("rkd", "rkd_distance", "rkd_angle", "cka", "gram", "relation")
+LOSSES = ("rkd", "rkd_distance", "rkd_angle", "cka", "gram", "relation", "procrustes")
 MODELS = ("teacher", "student alone", "student distilled")
 
 # Defaults; --quick replaces those not given explicitly on the command line.
@@ -237,6 +237,7 @@ def relational_loss(args, *, provider: str) -> Callable[[torch.Tensor, torch.Ten
             "cka": lambda s, t: kd_kernels.cka_loss(s, t, backend=b),
             "gram": lambda s, t: kd_kernels.gram_loss(s, t, backend=b),
             "relation": lambda s, t: kd_kernels.relation_loss(s, t, backend=b),
+            "procrustes": lambda s, t: kd_kernels.procrustes_loss(s, t, backend=b),
         }
     else:
         table = {
@@ -246,6 +247,7 @@ def relational_loss(args, *, provider: str) -> Callable[[torch.Tensor, torch.Ten
             "cka": ref_geometry.cka_loss,
             "gram": ref_geometry.gram_loss,
             "relation": ref_geometry.relation_loss,
+            "procrustes": ref_geometry.procrustes_loss,
         }
     return table[args.loss]
 
