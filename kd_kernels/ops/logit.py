@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from kd_kernels.ops._define import cuda_function, define_loss_op
+from kd_kernels.ops._define import cuda_function, define_loss_op, lazy
 from kd_kernels.torch_impl import logit as _impl
 
 __all__: list[str] = []
@@ -53,6 +53,7 @@ __all__: list[str] = []
 # The C++ functions take one dtype and no mask; these adapters give them the torch_impl
 # contract: rows whose ignore_mask is set get 0 loss and 0 gradient, and a teacher that requires
 # grad gets its gradient from the PyTorch path (the kernel computes the student's only).
+_TRITON = "kd_kernels.triton.logit"  # Hinton KD launchers (fp32 / fp16 / bf16)
 _kd_fwd_c = cuda_function("kd_fwd_cuda")
 _kd_bwd_c = cuda_function("kd_bwd_cuda")
 
@@ -85,7 +86,11 @@ def _kd_bwd_cuda(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_m
 
 # loss -> backend -> (forward, backward).
 _KERNELS: dict[str, dict] = {
-    "kd": {"torch": (_impl.kd_fwd, _impl.kd_bwd), "cuda": (_kd_fwd_cuda, _kd_bwd_cuda)},
+    "kd": {
+        "torch": (_impl.kd_fwd, _impl.kd_bwd),
+        "cuda": (_kd_fwd_cuda, _kd_bwd_cuda),
+        "triton": (lazy(_TRITON, "kd_fwd_triton"), lazy(_TRITON, "kd_bwd_triton")),
+    },
     "reverse_kl": {"torch": (_impl.reverse_kl_fwd, _impl.reverse_kl_bwd)},
     "jsd": {"torch": (_impl.jsd_fwd, _impl.jsd_bwd)},
     "tvd": {"torch": (_impl.tvd_fwd, _impl.tvd_bwd)},
