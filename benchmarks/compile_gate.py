@@ -92,11 +92,21 @@ def _kd_case(mod, student, teacher, reduction):
     mod.kd_bwd_triton(torch.ones_like(rows), student, teacher, lse_s, lse_t, 2.0, mask, True, False)
 
 
+def _reverse_kl_case(mod, student, teacher, reduction):
+    import torch
+
+    teacher = torch.randn_like(student)
+    mask = (torch.arange(student.shape[0]) % 3 == 0) if reduction == "none" else None
+    rows, lse_s, lse_t = mod.reverse_kl_fwd_triton(student, teacher, 2.0, mask)
+    mod.reverse_kl_bwd_triton(torch.ones_like(rows), student, teacher, lse_s, lse_t, 2.0, mask, True, False)
+
+
 # loss -> (launcher module, case function)
 TRITON_CASES = {
     "rkd_distance_loss": ("kd_kernels.triton.rkd", _rkd_distance_case),
     "rkd_angle_loss": ("kd_kernels.triton.rkd", _rkd_angle_case),
     "kd_loss": ("kd_kernels.triton.logit", _kd_case),
+    "reverse_kl_loss": ("kd_kernels.triton.logit", _reverse_kl_case),
 }
 
 # CUDA C++ kernels that must use tensor cores besides those named *gram* / *mma*.

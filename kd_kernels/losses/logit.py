@@ -41,6 +41,7 @@ _KERNELS = {
     name: ("torch",) for name in ("kd_loss", "reverse_kl_loss", "jsd_loss", "tvd_loss", "dist_loss", "grkd_loss")
 }
 _KERNELS["kd_loss"] = ("torch", "cuda", "triton")  # csrc/cuda/logit.cu, kd_kernels/triton/logit.py
+_KERNELS["reverse_kl_loss"] = ("torch", "triton")  # kd_kernels/triton/logit.py
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 _NAMES = ("student_logits", "teacher_logits")
 

@@ -1,5 +1,6 @@
-"""Triton kernels of Hinton KD (``kd_loss``; math: docs/logit.md section 3), forward and student
-backward, one program per row, the vocabulary streamed in tiles (no rows x vocab buffer).
+"""Triton kernels of Hinton KD (``kd_loss``) and reverse KL (``reverse_kl_loss``); math:
+docs/logit.md sections 3-4. Forward and student backward, one program per row, the vocabulary
+streamed in tiles (no rows x vocab buffer).
 
 Forward, per row (u = z / T): one pass keeps online log-sum-exp states of both rows,
 (m_s, S_s = sum exp(u_s - m_s)) and (m_t, S_t = sum exp(u_t - m_t), A = sum exp(u_t - m_t)(u_t - u_s)),
@@ -12,6 +13,9 @@ Classes with p_c = 0 (teacher logit -inf: vocabulary masking) contribute no term
 through S (and +inf through exp(inf - inf)); dropped rows (ignore_mask) store 0.
 Backward (student): dL/dz_s = grad_row * T (q - p), q = exp(u_s - lse_s), p = exp(u_t - lse_t),
 recomputed tile by tile from the saved lse (0 for dropped rows), written in the student's dtype.
+Reverse KL is KL(q || p): the forward kernel with the two inputs' roles swapped (and no T^2);
+its student backward dL/dz_s = grad_row * q ((u_s - lse_s) - (u_t - lse_t) - L) / T needs the row
+value L first: two passes over the tiles (L, then the gradient; q = 0 classes give 0).
 The teacher's gradient (rare: teachers are detached) runs on the PyTorch path, as for the CUDA kernel.
 No tl.dot: memory-bound streaming, fp32 arithmetic for every input dtype.
 """
@@ -24,7 +28,7 @@ import triton.language as tl
 
 from kd_kernels._backend import TRITON_INTERPRET
 
-__all__ = ["KD_CONFIGS", "kd_bwd_triton", "kd_fwd_triton"]
+__all__ = ["KD_CONFIGS", "kd_bwd_triton", "kd_fwd_triton", "reverse_kl_bwd_triton", "reverse_kl_fwd_triton"]
 
 # BLOCK_C: vocabulary tile per step; 4 warps stream 2048 fp32 columns (16 per thread) per load.
 # The interpreter takes small tiles (odd vocabularies span several tiles in the tests).
@@ -131,6 +135,47 @@ def _kd_bwd_kernel(
         tl.store(gs_ptr + r64 * C + offs, g.to(gs_ptr.dtype.element_ty), mask=inb)
 
 
+@triton.jit
+def _reverse_kl_bwd_kernel(
+    w_ptr,  # [N] fp32: dLoss/d(row_loss) (0 for dropped rows)
+    s_ptr,  # [N, C] student logits
+    t_ptr,  # [N, C] teacher logits
+    lse_s_ptr,  # [N] fp32 saved logsumexp(z_s / T)
+    lse_t_ptr,  # [N] fp32 saved logsumexp(z_t / T)
+    gs_ptr,  # [N, C] out: dLoss/dz_s (student dtype, contiguous)
+    C,  # classes
+    stride_s,  # student row stride
+    stride_t,  # teacher row stride
+    inv_t,  # 1 / T
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0)
+    r64 = tl.cast(row, tl.int64)
+    w = tl.load(w_ptr + row) * inv_t
+    lse_s = tl.load(lse_s_ptr + row)
+    lse_t = tl.load(lse_t_ptr + row)
+    # pass 1: L = sum_c q (l_s - l_t), q = 0 classes adding nothing
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C)
+        inb = offs < C
+        ls = tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_s
+        lt = tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=0.0).to(tl.float32) * inv_t - lse_t
+        q = tl.exp(ls)
+        acc += tl.where(q == 0.0, 0.0, q * (ls - lt))
+    loss = tl.sum(acc, axis=0)
+    # pass 2: dL/dz_s = q ((l_s - l_t) - L) / T, times grad_row
+    for c0 in range(0, C, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C)
+        inb = offs < C
+        ls = tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=0.0).to(tl.float32) * inv_t - lse_s
+        lt = tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=0.0).to(tl.float32) * inv_t - lse_t
+        q = tl.exp(ls)
+        g = tl.where(q == 0.0, 0.0, q * ((ls - lt) - loss)) * w
+        g = tl.where(w == 0.0, 0.0, g)  # dropped rows: 0 even where the row is NaN/inf
+        tl.store(gs_ptr + r64 * C + offs, g.to(gs_ptr.dtype.element_ty), mask=inb)
+
+
 def _keep(ignore_mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
     if ignore_mask is None:
         return torch.ones(n, dtype=torch.int8, device=device)
@@ -154,6 +199,50 @@ def kd_fwd_triton(student, teacher, temperature, ignore_mask=None):
     return row, lse_s, lse_t
 
 
+def _student_grad(kernel, grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask, *scalars):
+    """Launch a student-backward kernel: ``[N, C]`` in the student's dtype."""
+    s, t = _rows(student), _rows(teacher)
+    n, c = s.shape
+    w = grad_row.to(torch.float32)
+    if ignore_mask is not None:
+        w = torch.where(ignore_mask.to(torch.bool), 0.0, w)
+    gs = torch.empty(n, c, device=s.device, dtype=student.dtype)
+    if n:
+        kernel[(n,)](
+            w.contiguous(), s, t, lse_s.float().contiguous(), lse_t.float().contiguous(), gs, c,
+            s.stride(0), t.stride(0), 1.0 / float(temperature), *scalars, **_config(),
+        )  # fmt: skip
+    return gs
+
+
+def reverse_kl_fwd_triton(student, teacher, temperature, ignore_mask=None):
+    """``(row_loss [N], lse_s [N], lse_t [N])`` of reverse KL KL(q || p): the KD forward kernel with
+    the inputs' roles swapped and no T^2."""
+    student, teacher = _rows(student), _rows(teacher)
+    n, c = student.shape
+    row, lse_s, lse_t = (torch.empty(n, device=student.device, dtype=torch.float32) for _ in range(3))
+    if n:
+        _kd_fwd_kernel[(n,)](
+            teacher, student, _keep(ignore_mask, n, student.device), row, lse_t, lse_s, c,
+            teacher.stride(0), student.stride(0), 1.0 / float(temperature), 1.0, **_config(),
+        )  # fmt: skip
+    return row, lse_s, lse_t
+
+
+def reverse_kl_bwd_triton(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask, need_student, need_teacher):
+    """``(grad_student, grad_teacher)`` as ``torch_impl.logit.reverse_kl_bwd`` (the teacher's on
+    the PyTorch path; an unneeded gradient is an empty tensor)."""
+    from kd_kernels.torch_impl import logit as _impl
+
+    gs = student.new_empty(0)
+    if need_student:
+        gs = _student_grad(_reverse_kl_bwd_kernel, grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask)
+    gt = teacher.new_empty(0)
+    if need_teacher:
+        gt = _impl.reverse_kl_bwd(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask, False, True)[1]
+    return gs, gt
+
+
 def kd_bwd_triton(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask, need_student, need_teacher):
     """``(grad_student, grad_teacher)`` as ``torch_impl.logit.kd_bwd`` (the teacher's on the
     PyTorch path; an unneeded gradient is an empty tensor)."""
@@ -161,17 +250,8 @@ def kd_bwd_triton(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_
 
     gs = student.new_empty(0)
     if need_student:
-        s, t = _rows(student), _rows(teacher)
-        n, c = s.shape
-        w = grad_row.to(torch.float32)
-        if ignore_mask is not None:
-            w = torch.where(ignore_mask.to(torch.bool), 0.0, w)
-        gs = torch.empty(n, c, device=s.device, dtype=student.dtype)
-        if n:
-            _kd_bwd_kernel[(n,)](
-                w.contiguous(), s, t, lse_s.float().contiguous(), lse_t.float().contiguous(), gs, c,
-                s.stride(0), t.stride(0), 1.0 / float(temperature), float(temperature), **_config(),
-            )  # fmt: skip
+        gs = _student_grad(_kd_bwd_kernel, grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask,
+                           float(temperature))  # fmt: skip
     gt = teacher.new_empty(0)
     if need_teacher:
         gt = _impl.kd_bwd(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask, False, True)[1]
