@@ -83,30 +83,25 @@ def _rkd_angle_case(mod, student, teacher, reduction):
     mod.rkd_angle_bwd_triton(grad, student, teacher, reduction, True, False)
 
 
-def _kd_case(mod, student, teacher, reduction):
-    import torch
+def _divergence_case(stem):
+    def case(mod, student, teacher, reduction):
+        import torch
 
-    teacher = torch.randn_like(student)  # logits: one vocabulary (the student's width)
-    mask = (torch.arange(student.shape[0]) % 3 == 0) if reduction == "none" else None
-    rows, lse_s, lse_t = mod.kd_fwd_triton(student, teacher, 2.0, mask)
-    mod.kd_bwd_triton(torch.ones_like(rows), student, teacher, lse_s, lse_t, 2.0, mask, True, False)
+        teacher = torch.randn_like(student)  # logits: one vocabulary (the student's width)
+        mask = (torch.arange(student.shape[0]) % 3 == 0) if reduction == "none" else None
+        rows, lse_s, lse_t = getattr(mod, f"{stem}_fwd_triton")(student, teacher, 2.0, mask)
+        getattr(mod, f"{stem}_bwd_triton")(torch.ones_like(rows), student, teacher, lse_s, lse_t, 2.0, mask, True, False)
 
-
-def _reverse_kl_case(mod, student, teacher, reduction):
-    import torch
-
-    teacher = torch.randn_like(student)
-    mask = (torch.arange(student.shape[0]) % 3 == 0) if reduction == "none" else None
-    rows, lse_s, lse_t = mod.reverse_kl_fwd_triton(student, teacher, 2.0, mask)
-    mod.reverse_kl_bwd_triton(torch.ones_like(rows), student, teacher, lse_s, lse_t, 2.0, mask, True, False)
+    return case
 
 
 # loss -> (launcher module, case function)
 TRITON_CASES = {
     "rkd_distance_loss": ("kd_kernels.triton.rkd", _rkd_distance_case),
     "rkd_angle_loss": ("kd_kernels.triton.rkd", _rkd_angle_case),
-    "kd_loss": ("kd_kernels.triton.logit", _kd_case),
-    "reverse_kl_loss": ("kd_kernels.triton.logit", _reverse_kl_case),
+    "kd_loss": ("kd_kernels.triton.logit", _divergence_case("kd")),
+    "reverse_kl_loss": ("kd_kernels.triton.logit", _divergence_case("reverse_kl")),
+    "tvd_loss": ("kd_kernels.triton.logit", _divergence_case("tvd")),
 }
 
 # CUDA C++ kernels that must use tensor cores besides those named *gram* / *mma*.

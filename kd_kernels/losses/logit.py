@@ -42,6 +42,7 @@ _KERNELS = {
 }
 _KERNELS["kd_loss"] = ("torch", "cuda", "triton")  # csrc/cuda/logit.cu, kd_kernels/triton/logit.py
 _KERNELS["reverse_kl_loss"] = ("torch", "triton")  # kd_kernels/triton/logit.py
+_KERNELS["tvd_loss"] = ("torch", "triton")  # kd_kernels/triton/logit.py
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 _NAMES = ("student_logits", "teacher_logits")
 

@@ -53,7 +53,7 @@ __all__: list[str] = []
 # The C++ functions take one dtype and no mask; these adapters give them the torch_impl
 # contract: rows whose ignore_mask is set get 0 loss and 0 gradient, and a teacher that requires
 # grad gets its gradient from the PyTorch path (the kernel computes the student's only).
-_TRITON = "kd_kernels.triton.logit"  # Hinton KD and reverse KL launchers (fp32 / fp16 / bf16)
+_TRITON = "kd_kernels.triton.logit"  # Hinton KD, reverse KL and TVD launchers (fp32 / fp16 / bf16)
 _kd_fwd_c = cuda_function("kd_fwd_cuda")
 _kd_bwd_c = cuda_function("kd_bwd_cuda")
 
@@ -96,7 +96,10 @@ _KERNELS: dict[str, dict] = {
         "triton": (lazy(_TRITON, "reverse_kl_fwd_triton"), lazy(_TRITON, "reverse_kl_bwd_triton")),
     },
     "jsd": {"torch": (_impl.jsd_fwd, _impl.jsd_bwd)},
-    "tvd": {"torch": (_impl.tvd_fwd, _impl.tvd_bwd)},
+    "tvd": {
+        "torch": (_impl.tvd_fwd, _impl.tvd_bwd),
+        "triton": (lazy(_TRITON, "tvd_fwd_triton"), lazy(_TRITON, "tvd_bwd_triton")),
+    },
     "dist": {"torch": (_impl.dist_fwd, _impl.dist_bwd)},
     "grkd": {"torch": (_impl.grkd_fwd, _impl.grkd_bwd)},
 }

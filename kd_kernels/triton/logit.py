@@ -1,5 +1,5 @@
-"""Triton kernels of Hinton KD (``kd_loss``) and reverse KL (``reverse_kl_loss``); math:
-docs/logit.md sections 3-4. Forward and student backward, one program per row, the vocabulary
+"""Triton kernels of Hinton KD (``kd_loss``), reverse KL (``reverse_kl_loss``) and TVD
+(``tvd_loss``); math: docs/logit.md sections 3, 4 and 6. Forward and student backward, one program per row, the vocabulary
 streamed in tiles (no rows x vocab buffer).
 
 Forward, per row (u = z / T): one pass keeps online log-sum-exp states of both rows,
@@ -16,6 +16,9 @@ recomputed tile by tile from the saved lse (0 for dropped rows), written in the 
 Reverse KL is KL(q || p): the forward kernel with the two inputs' roles swapped (and no T^2);
 its student backward dL/dz_s = grad_row * q ((u_s - lse_s) - (u_t - lse_t) - L) / T needs the row
 value L first: two passes over the tiles (L, then the gradient; q = 0 classes give 0).
+TVD, L = 1/2 sum |p - q|, needs both lse before its value: the KD forward kernel gives them, a
+second pass the value; its student backward, q (g - <q, g>) / T with g = sign(q - p) / 2, makes
+two passes (<q, g>, then the gradient).
 The teacher's gradient (rare: teachers are detached) runs on the PyTorch path, as for the CUDA kernel.
 No tl.dot: memory-bound streaming, fp32 arithmetic for every input dtype.
 """
@@ -28,12 +31,22 @@ import triton.language as tl
 
 from kd_kernels._backend import TRITON_INTERPRET
 
-__all__ = ["KD_CONFIGS", "kd_bwd_triton", "kd_fwd_triton", "reverse_kl_bwd_triton", "reverse_kl_fwd_triton"]
+__all__ = [
+    "KD_CONFIGS",
+    "kd_bwd_triton",
+    "kd_fwd_triton",
+    "reverse_kl_bwd_triton",
+    "reverse_kl_fwd_triton",
+    "tvd_bwd_triton",
+    "tvd_fwd_triton",
+]
 
 # BLOCK_C: vocabulary tile per step; 4 warps stream 2048 fp32 columns (16 per thread) per load.
+# maxnreg=255: without it ptxas's occupancy heuristic held _tvd_bwd_kernel at 56 registers and
+# spilled 4 B (sm_80, odd shape; compile gate).
 # The interpreter takes small tiles (odd vocabularies span several tiles in the tests).
 KD_CONFIGS = {
-    "gpu": {"BLOCK_C": 2048, "num_warps": 4, "num_stages": 1},
+    "gpu": {"BLOCK_C": 2048, "num_warps": 4, "num_stages": 1, "maxnreg": 255},
     "interpret": {"BLOCK_C": 64, "num_warps": 1, "num_stages": 1},
 }
 
@@ -176,6 +189,75 @@ def _reverse_kl_bwd_kernel(
         tl.store(gs_ptr + r64 * C + offs, g.to(gs_ptr.dtype.element_ty), mask=inb)
 
 
+@triton.jit
+def _tvd_fwd_kernel(
+    s_ptr,  # [N, C] student logits
+    t_ptr,  # [N, C] teacher logits
+    keep_ptr,  # [N] int8: 1 for rows that count
+    lse_s_ptr,  # [N] fp32 logsumexp(z_s / T) (from the KD forward kernel)
+    lse_t_ptr,  # [N] fp32 logsumexp(z_t / T)
+    row_ptr,  # [N] fp32 out: 1/2 sum |p - q| (0 for dropped rows)
+    C,  # classes
+    stride_s,  # student row stride
+    stride_t,  # teacher row stride
+    inv_t,  # 1 / T
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0)
+    r64 = tl.cast(row, tl.int64)
+    lse_s = tl.load(lse_s_ptr + row)
+    lse_t = tl.load(lse_t_ptr + row)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C)
+        inb = offs < C
+        q = tl.exp(tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_s)
+        p = tl.exp(tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_t)
+        acc += tl.abs(p - q)
+    keep = tl.load(keep_ptr + row) != 0
+    tl.store(row_ptr + row, tl.where(keep, 0.5 * tl.sum(acc, axis=0), 0.0))
+
+
+@triton.jit
+def _tvd_bwd_kernel(
+    w_ptr,  # [N] fp32: dLoss/d(row_loss) (0 for dropped rows)
+    s_ptr,  # [N, C] student logits
+    t_ptr,  # [N, C] teacher logits
+    lse_s_ptr,  # [N] fp32 saved logsumexp(z_s / T)
+    lse_t_ptr,  # [N] fp32 saved logsumexp(z_t / T)
+    gs_ptr,  # [N, C] out: dLoss/dz_s (student dtype, contiguous)
+    C,  # classes
+    stride_s,  # student row stride
+    stride_t,  # teacher row stride
+    inv_t,  # 1 / T
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0)
+    r64 = tl.cast(row, tl.int64)
+    w = tl.load(w_ptr + row) * inv_t
+    lse_s = tl.load(lse_s_ptr + row)
+    lse_t = tl.load(lse_t_ptr + row)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)  # pass 1: <q, g>
+    for c0 in range(0, C, BLOCK_C):
+        offs = c0 + tl.arange(0, BLOCK_C)
+        inb = offs < C
+        q = tl.exp(tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_s)
+        p = tl.exp(tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_t)
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))  # sign(0) = 0 (NaN -> 0 here, see below)
+        g = tl.where((q == q) & (p == p), g, q + p)  # a NaN q or p keeps g NaN
+        acc += q * g
+    qg = tl.sum(acc, axis=0)
+    for c0 in range(0, C, BLOCK_C):  # pass 2: q (g - <q, g>) / T, times grad_row
+        offs = c0 + tl.arange(0, BLOCK_C)
+        inb = offs < C
+        q = tl.exp(tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_s)
+        p = tl.exp(tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_t)
+        g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+        g = tl.where((q == q) & (p == p), g, q + p)
+        out = tl.where(w == 0.0, 0.0, q * (g - qg) * w)  # dropped rows: 0 even where the row is NaN/inf
+        tl.store(gs_ptr + r64 * C + offs, out.to(gs_ptr.dtype.element_ty), mask=inb)
+
+
 def _keep(ignore_mask: torch.Tensor | None, n: int, device) -> torch.Tensor:
     if ignore_mask is None:
         return torch.ones(n, dtype=torch.int8, device=device)
@@ -255,4 +337,33 @@ def kd_bwd_triton(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_
     gt = teacher.new_empty(0)
     if need_teacher:
         gt = _impl.kd_bwd(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask, False, True)[1]
+    return gs, gt
+
+
+def tvd_fwd_triton(student, teacher, temperature, ignore_mask=None):
+    """``(row_loss [N], lse_s [N], lse_t [N])`` of TVD: both lse from the KD forward kernel, then
+    the value pass."""
+    _, lse_s, lse_t = kd_fwd_triton(student, teacher, temperature, None)
+    student, teacher = _rows(student), _rows(teacher)
+    n, c = student.shape
+    row = torch.empty(n, device=student.device, dtype=torch.float32)
+    if n:
+        _tvd_fwd_kernel[(n,)](
+            student, teacher, _keep(ignore_mask, n, student.device), lse_s, lse_t, row, c,
+            student.stride(0), teacher.stride(0), 1.0 / float(temperature), **_config(),
+        )  # fmt: skip
+    return row, lse_s, lse_t
+
+
+def tvd_bwd_triton(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask, need_student, need_teacher):
+    """``(grad_student, grad_teacher)`` as ``torch_impl.logit.tvd_bwd`` (the teacher's on the
+    PyTorch path; an unneeded gradient is an empty tensor)."""
+    from kd_kernels.torch_impl import logit as _impl
+
+    gs = student.new_empty(0)
+    if need_student:
+        gs = _student_grad(_tvd_bwd_kernel, grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask)
+    gt = teacher.new_empty(0)
+    if need_teacher:
+        gt = _impl.tvd_bwd(grad_row, student, teacher, lse_s, lse_t, temperature, ignore_mask, False, True)[1]
     return gs, gt
