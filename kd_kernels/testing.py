@@ -185,3 +185,15 @@ def require(backend: str, loss: str) -> torch.device:
     if backend not in implemented_backends(loss):
         pytest.skip(f"{loss} has no {backend!r} kernel yet (implemented: {implemented_backends(loss)})")
     return backend_device(backend)
+
+
+def require_extension():
+    """``kd_kernels._C``, or skip the calling test with the reason it is not available."""
+    import pytest
+
+    from kd_kernels._backend import extension_status, load_extension
+
+    ext = load_extension()
+    if ext is None:
+        pytest.skip(f"kd_kernels._C not built: {extension_status()}")
+    return ext

@@ -9,14 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_kernels._backend import extension_status, load_extension
+from kd_kernels.testing import require_extension
 
-
-def _ext():
-    ext = load_extension()
-    if ext is None:
-        pytest.skip(f"kd_kernels._C not built: {extension_status()}")
-    return ext
+_ext = require_extension  # kd_kernels._C, or skip with the reason
 
 
 def test_functions_exist_in_the_extension():

@@ -118,6 +118,14 @@ def _kd_fwd_kernel(
 
 
 @triton.jit
+def _tile_log_probs(s_ptr, t_ptr, r64, stride_s, stride_t, offs, inb, inv_t, lse_s, lse_t):
+    # (l_s, l_t) = z / T - lse of one vocabulary tile of row r64; -inf past C (probability 0)
+    zs = tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=float("-inf")).to(tl.float32)
+    zt = tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=float("-inf")).to(tl.float32)
+    return zs * inv_t - lse_s, zt * inv_t - lse_t
+
+
+@triton.jit
 def _kd_bwd_kernel(
     w_ptr,  # [N] fp32: dLoss/d(row_loss) (0 for dropped rows)
     s_ptr,  # [N, C] student logits
@@ -140,11 +148,8 @@ def _kd_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
         inb = offs < C
-        us = tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=0.0).to(tl.float32) * inv_t
-        ut = tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=0.0).to(tl.float32) * inv_t
-        q = tl.exp(us - lse_s)
-        p = tl.exp(ut - lse_t)
-        g = tl.where(w == 0.0, 0.0, (q - p) * w)  # dropped rows: 0 even where the row is NaN/inf
+        ls, lt = _tile_log_probs(s_ptr, t_ptr, r64, stride_s, stride_t, offs, inb, inv_t, lse_s, lse_t)
+        g = tl.where(w == 0.0, 0.0, (tl.exp(ls) - tl.exp(lt)) * w)  # dropped rows: 0 even where the row is NaN/inf
         tl.store(gs_ptr + r64 * C + offs, g.to(gs_ptr.dtype.element_ty), mask=inb)
 
 
@@ -172,8 +177,7 @@ def _reverse_kl_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
         inb = offs < C
-        ls = tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_s
-        lt = tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=0.0).to(tl.float32) * inv_t - lse_t
+        ls, lt = _tile_log_probs(s_ptr, t_ptr, r64, stride_s, stride_t, offs, inb, inv_t, lse_s, lse_t)
         q = tl.exp(ls)
         acc += tl.where(q == 0.0, 0.0, q * (ls - lt))
     loss = tl.sum(acc, axis=0)
@@ -181,8 +185,7 @@ def _reverse_kl_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
         inb = offs < C
-        ls = tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=0.0).to(tl.float32) * inv_t - lse_s
-        lt = tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=0.0).to(tl.float32) * inv_t - lse_t
+        ls, lt = _tile_log_probs(s_ptr, t_ptr, r64, stride_s, stride_t, offs, inb, inv_t, lse_s, lse_t)
         q = tl.exp(ls)
         g = tl.where(q == 0.0, 0.0, q * ((ls - lt) - loss)) * w
         g = tl.where(w == 0.0, 0.0, g)  # dropped rows: 0 even where the row is NaN/inf
@@ -211,8 +214,8 @@ def _tvd_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
         inb = offs < C
-        q = tl.exp(tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_s)
-        p = tl.exp(tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_t)
+        ls, lt = _tile_log_probs(s_ptr, t_ptr, r64, stride_s, stride_t, offs, inb, inv_t, lse_s, lse_t)
+        q, p = tl.exp(ls), tl.exp(lt)
         acc += tl.abs(p - q)
     keep = tl.load(keep_ptr + row) != 0
     tl.store(row_ptr + row, tl.where(keep, 0.5 * tl.sum(acc, axis=0), 0.0))
@@ -241,8 +244,8 @@ def _tvd_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs = c0 + tl.arange(0, BLOCK_C)
         inb = offs < C
-        q = tl.exp(tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_s)
-        p = tl.exp(tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_t)
+        ls, lt = _tile_log_probs(s_ptr, t_ptr, r64, stride_s, stride_t, offs, inb, inv_t, lse_s, lse_t)
+        q, p = tl.exp(ls), tl.exp(lt)
         g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))  # sign(0) = 0 (NaN -> 0 here, see below)
         g = tl.where((q == q) & (p == p), g, q + p)  # a NaN q or p keeps g NaN
         acc += q * g
@@ -250,8 +253,8 @@ def _tvd_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):  # pass 2: q (g - <q, g>) / T, times grad_row
         offs = c0 + tl.arange(0, BLOCK_C)
         inb = offs < C
-        q = tl.exp(tl.load(s_ptr + r64 * stride_s + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_s)
-        p = tl.exp(tl.load(t_ptr + r64 * stride_t + offs, mask=inb, other=float("-inf")).to(tl.float32) * inv_t - lse_t)
+        ls, lt = _tile_log_probs(s_ptr, t_ptr, r64, stride_s, stride_t, offs, inb, inv_t, lse_s, lse_t)
+        q, p = tl.exp(ls), tl.exp(lt)
         g = tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
         g = tl.where((q == q) & (p == p), g, q + p)
         out = tl.where(w == 0.0, 0.0, q * (g - qg) * w)  # dropped rows: 0 even where the row is NaN/inf
