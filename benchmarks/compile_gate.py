@@ -506,10 +506,15 @@ def judge(rec: Record, row: dict) -> list[str]:
     return why
 
 
-def run_triton_gate(full: bool = False, jobs: int = 2, cache_dir: Path = DEFAULT_CACHE) -> dict:
-    """Record, compile and judge every Triton kernel; returns the report dict."""
+def run_triton_gate(full: bool = False, jobs: int = 2, cache_dir: Path = DEFAULT_CACHE,
+                    only: list[str] | None = None) -> dict:
+    """Record, compile and judge every Triton kernel (``only``: these losses' cases); returns the report dict."""
     t0 = time.time()
-    records, errors = record_triton()
+    if only:
+        unknown = sorted(set(only) - set(TRITON_CASES))
+        if unknown:
+            raise SystemExit(f"compile_gate: --only names no case: {unknown}; cases are {sorted(TRITON_CASES)}")
+    records, errors = record_triton({k: v for k, v in TRITON_CASES.items() if k in only} if only else None)
     t_rec = time.time() - t0
     # missing cases: a loss that has a Triton kernel but no entry in TRITON_CASES
     try:
@@ -719,6 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda-so", help="the built kd_kernels._C .so (SASS: tensor cores)")
     ap.add_argument("--require-cuda", action="store_true", help="fail when the CUDA log is missing or empty")
     ap.add_argument("--no-triton", action="store_true", help="CUDA C++ part only")
+    ap.add_argument("--only", help="comma-separated losses: gate only their Triton cases (a quick check while developing)")
     ap.add_argument("--cache-dir", default=os.environ.get("KD_KERNELS_GATE_CACHE", str(DEFAULT_CACHE)))
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -733,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
                                        text=True).stdout.strip()  # fmt: skip
     except Exception:  # noqa: BLE001
         report["git"] = None
-    report["triton"] = {"results": [], "errors": []} if args.no_triton else run_triton_gate(args.full, args.jobs, cache)
+    report["triton"] = {"results": [], "errors": []} if args.no_triton else run_triton_gate(
+        args.full, args.jobs, cache, only=[x.strip() for x in args.only.split(",") if x.strip()] if args.only else None)
     if args.cuda_log or args.cuda_so:
         report["cuda"] = cuda_gate(args.cuda_log, args.cuda_so)
         report["cuda"]["required"] = args.require_cuda
