@@ -88,6 +88,10 @@ def _cuda_extension():
     # No -std flag: torch.utils.cpp_extension adds the standard its own headers need (C++17 up to
     # torch 2.9, C++20 since); the sources are valid C++17. No --use_fast_math (accuracy).
     cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # The CPU kernels (csrc/cpu/) use at::parallel_for, whose OpenMP body is inlined from ATen's
+    # headers, and `#pragma omp simd` loops: both need -fopenmp (libgomp.so.1 is torch's own,
+    # already loaded, so there is one OpenMP runtime).
+    cxx += ["-fopenmp"]
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
     if os.environ.get("KD_KERNELS_PTXAS_VERBOSE", "0") == "1":
         nvcc += ["-Xptxas", "-v"]
@@ -96,6 +100,7 @@ def _cuda_extension():
         sources=read_sources(),
         include_dirs=[str(ROOT / "csrc" / "include")],
         extra_compile_args={"cxx": cxx + macros, "nvcc": nvcc + macros},
+        extra_link_args=["-fopenmp"],
     )
     ext.include_dirs += _nvidia_include_dirs()  # after torch's and the toolkit's include dirs
     return ext, BuildExtension.with_options(use_ninja=True)

@@ -53,6 +53,7 @@ rm -rf "$WHEEL_VENV"
 echo "== checking the installed package from outside the repository"
 cd "$(mktemp -d)"
 "$WHEEL_VENV/bin/python" - "$REPO" <<'EOF'
+import ast
 import json
 import sys
 from pathlib import Path
@@ -62,16 +63,14 @@ import torch
 import kd_kernels
 import kd_kernels._C as ext
 
-# The plain pybind11 functions of kd_kernels._C (csrc/include/kd_ops.h; tests/test_build.py has the same list).
-FUNCTIONS = (
-    "kd_fwd_cuda",
-    "kd_bwd_cuda",
-    "rkd_distance_fwd_cuda",
-    "rkd_distance_bwd_cuda",
-    "rkd_angle_fwd_cuda",
-    "rkd_angle_bwd_cuda",
-)
 repo = Path(sys.argv[1]).resolve()
+# The plain pybind11 functions of kd_kernels._C, in binding order: the one list, EXT_FUNCTIONS of
+# tests/test_build.py (read from the repository, not imported: the tests are not in the wheel).
+tree = ast.parse((repo / "tests" / "test_build.py").read_text())
+FUNCTIONS = next(
+    ast.literal_eval(node.value) for node in tree.body
+    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "EXT_FUNCTIONS" for t in node.targets)
+)
 where = Path(kd_kernels.__file__).resolve()
 assert repo not in where.parents, f"imported kd_kernels from the repository ({where}), not from the wheel"
 info = kd_kernels.build_info()
@@ -86,6 +85,13 @@ except RuntimeError as exc:
     assert "must be a CUDA tensor" in str(exc), exc
 else:
     raise AssertionError("kd_fwd_cuda ran on CPU tensors")
+# The CPU kernels run here: the wheel's divergence loops against the PyTorch formula.
+if ext.divergence_cpu_supported():
+    s, t = torch.randn(5, 37), torch.randn(5, 37)
+    rows = ext.divergence_fwd_cpu("kd", s, t, torch.ones(5, dtype=torch.bool), 2.0, 0.0)[0]
+    want = 4.0 * torch.nn.functional.kl_div(torch.log_softmax(s / 2, 1), torch.log_softmax(t / 2, 1),
+                                            reduction="none", log_target=True).sum(1)
+    assert torch.allclose(rows, want, rtol=1e-5, atol=1e-6), (rows, want)
 print(f"OK: kd_kernels {kd_kernels.__version__} from {where.parent}, _C functions: {', '.join(FUNCTIONS)}")
 EOF
 echo "== wheel check passed in $(($(date +%s) - start)) s"

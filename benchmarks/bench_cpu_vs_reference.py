@@ -30,8 +30,10 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import kd_kernels
+from harness import peak_memory_mb
 from kd_kernels.reference import geometry as ref_geo
 from kd_kernels.reference import logit as ref_logit
 from kd_kernels.reference import rkd as ref_rkd
@@ -183,7 +185,18 @@ def main() -> None:
             r, t = time_pair(row[5], row[6], row[4](), repeats)
             row[2], row[3] = min(row[2], r), min(row[3], t)
             print(f"  again: {row[0]:18s} {row[1]:26s} reference {row[2]:9.2f} ms  torch {row[3]:9.2f} ms  {row[2] / row[3]:5.2f}x", flush=True)
-    rows = [tuple(row[:4]) for row in rows]
+    # Peak memory (process peak RSS above the level before the call) of one forward + backward at
+    # each loss's largest shape: the memory side of the comparison.
+    largest = {}
+    for row in rows:
+        largest[row[0]] = row
+    for row in rows:
+        row.append(None)
+    for row in largest.values():
+        inputs = row[4]()
+        row[-1] = tuple(peak_memory_mb(lambda fn=fn: _fwd_bwd(fn, inputs), "cpu") for fn in (row[5], row[6]))
+        print(f"  memory: {row[0]:18s} {row[1]:26s} reference {row[-1][0]:8.1f} MB  torch {row[-1][1]:8.1f} MB", flush=True)
+    rows = [(*row[:4], row[-1]) for row in rows]
     extra = ""
     if args.angle_1024:
         inputs = _feat(1024, 64, 64)()
@@ -203,12 +216,14 @@ def main() -> None:
         f"- timing: minimum of >= {repeats} runs (more while under 0.4 s) after one warm-up, reference and torch alternated; entries below 1.0x re-timed up to {args.retries} more rounds (minimum kept); student requires grad, teacher does not",
         f"- command: `python benchmarks/bench_cpu_vs_reference.py{' --quick' if args.quick else ''}{' --angle-1024' if args.angle_1024 else ''}` ({total:.0f} s)",
         "- speedup = reference ms / torch ms (>= 1 means the torch path is at least as fast)",
+        "- peak MB: process peak RSS above the level before one forward + backward (reference / torch), at each loss's largest shape",
         "",
-        "| loss | shape | reference ms | torch ms | speedup |",
-        "|---|---|---:|---:|---:|",
+        "| loss | shape | reference ms | torch ms | speedup | peak MB reference / torch |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for loss, label, r, t in rows:
-        lines.append(f"| {loss} | {label} | {r:.2f} | {t:.2f} | {r / t:.2f}x |")
+    for loss, label, r, t, mem in rows:
+        peak = f"{mem[0]:.1f} / {mem[1]:.1f}" if mem else ""
+        lines.append(f"| {loss} | {label} | {r:.2f} | {t:.2f} | {r / t:.2f}x | {peak} |")
     text = "\n".join(lines) + "\n" + extra
     if not only:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)

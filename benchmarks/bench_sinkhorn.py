@@ -3,7 +3,11 @@ log-domain Sinkhorn (``sinkhorn``), on benchmarks/harness.py.
 
 Providers: ``reference`` (eager upstream semantics), ``compile`` (``torch.compile`` of the
 reference; GPU only: on the CPU machines inductor takes 30 s or more to compile the unrolled
-loops, longer than the whole quick run), ``torch`` (the kd_kernels PyTorch path).
+loops, longer than the whole quick run), ``torch`` (the kd_kernels "torch" backend: on CPU the
+fused C++ forward ``kd_kernels._C.sinkhorn_fwd_cpu`` when built), and for ``sinkhorn`` only
+``pot`` (POT's ``ot.sinkhorn(..., method="sinkhorn_log", stopThr=0)`` with torch tensors, looped
+over the batch, forward only; skipped with the reason when POT is not installed). The full CPU
+comparison against POT is benchmarks/bench_sinkhorn_pot.py.
 Modes: fwd, bwd, fwd_bwd. The scalar timed for ``sinkhorn`` is the transport cost
 ``sum(plan * cost)``, the same extra reduction for every provider.
 
@@ -22,6 +26,7 @@ from kd_kernels.reference import sinkhorn as reference
 from kd_kernels.torch_impl import sinkhorn as torch_impl
 
 PROVIDERS = ("reference", "compile", "torch")
+OT_PROVIDERS = PROVIDERS + ("pot",)
 MODES = ("fwd", "bwd", "fwd_bwd")
 SINKD_ITERS = 20  # the SinKD default (docs/sinkhorn.md §1)
 OT_ITERS = {"cpu": 20, "cuda": 50}  # 50: the BENCHMARKS.md target; 20 keeps the CPU run to seconds
@@ -91,17 +96,44 @@ def test_sinkhorn_loss(benchmark, bench_device, bench_quick, idx, provider, mode
     )
 
 
+def _pot_sinkhorn(iters: int):
+    """POT's log-domain Sinkhorn looped over the batch, on the transposed problem (POT updates the
+    column potential first), so that it runs the same iteration as kd_kernels.sinkhorn."""
+    try:
+        import ot
+    except ImportError:
+        pytest.skip("POT is not installed (pip install pot): provider 'pot' skipped")
+    import warnings
+
+    def solve(cost, *, epsilon, n_iters):
+        nb, n, m = cost.shape
+        a = torch.full((n,), 1.0 / n, dtype=cost.dtype, device=cost.device)
+        b = torch.full((m,), 1.0 / m, dtype=cost.dtype, device=cost.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "did not converge": a fixed iteration count is the point
+            return torch.stack(
+                [
+                    ot.sinkhorn(b, a, cost[i].T, epsilon, method="sinkhorn_log", numItermax=n_iters, stopThr=0).T
+                    for i in range(nb)
+                ]
+            )
+
+    return solve
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", OT_PROVIDERS)
 @pytest.mark.parametrize("idx", range(2))
 def test_sinkhorn(benchmark, bench_device, bench_quick, idx, provider, mode):
     nb, n, m = _select(OT_SHAPES, idx, bench_device, bench_quick, provider)
     iters = OT_ITERS[_device_kind(bench_device)]
+    if provider == "pot" and mode != "fwd":
+        pytest.skip("provider 'pot' is timed forward only (its backward is autograd through POT's loop)")
     dtype = torch.float32
     x = torch.randn(nb, n, 2, device=bench_device, dtype=dtype)
     y = torch.randn(nb, m, 2, device=bench_device, dtype=dtype)
     cost = torch.cdist(x, y).pow_(2).requires_grad_(True)
-    solve = _provider_fn(provider, sinkhorn, reference.sinkhorn)
+    solve = _pot_sinkhorn(iters) if provider == "pot" else _provider_fn(provider, sinkhorn, reference.sinkhorn)
     numel = nb * n * m
     esz = cost.element_size()
     if provider == "torch":

@@ -83,14 +83,69 @@ def _rkd_angle_case(mod, student, teacher, reduction):
     mod.rkd_angle_bwd_triton(grad, student, teacher, reduction, True, False)
 
 
+def _logit_inputs(student, reduction):
+    """A teacher of the student's vocabulary, and a row mask for the "none" variant."""
+    import torch
+
+    teacher = torch.randn_like(student)
+    return teacher, ((torch.arange(student.shape[0]) % 3 == 0) if reduction == "none" else None)
+
+
 def _divergence_case(stem):
     def case(mod, student, teacher, reduction):
         import torch
 
-        teacher = torch.randn_like(student)  # logits: one vocabulary (the student's width)
-        mask = (torch.arange(student.shape[0]) % 3 == 0) if reduction == "none" else None
+        teacher, mask = _logit_inputs(student, reduction)
         rows, lse_s, lse_t = getattr(mod, f"{stem}_fwd_triton")(student, teacher, 2.0, mask)
         getattr(mod, f"{stem}_bwd_triton")(torch.ones_like(rows), student, teacher, lse_s, lse_t, 2.0, mask, True, False)
+
+    return case
+
+
+def _jsd_case(mod, student, teacher, reduction):
+    import torch
+
+    teacher, mask = _logit_inputs(student, reduction)
+    for beta in (0.3, 0.0, 1.0):  # the mixture kernels, and the endpoints (KD / reverse-KL kernels)
+        rows, lse_s, lse_t = mod.jsd_fwd_triton(student, teacher, beta, 2.0, mask)
+        mod.jsd_bwd_triton(torch.ones_like(rows), student, teacher, lse_s, lse_t, beta, 2.0, mask, True, False)
+
+
+def _dist_case(mod, student, teacher, reduction):
+    import torch
+
+    teacher, mask = _logit_inputs(student, reduction)
+    loss, lse_s, lse_t, stats = mod.dist_fwd_triton(student, teacher, 2.0, 1.0, 1.0, mask)
+    mod.dist_bwd_triton(torch.ones_like(loss), student, teacher, lse_s, lse_t, stats, 2.0, 1.0, 1.0, mask, True, False)
+
+
+def _grkd_case(mod, student, teacher, reduction):
+    import torch
+
+    teacher, mask = _logit_inputs(student, reduction)
+    for top_k in (None, 5):  # the full pair grid and the top-k (gathered) first classes
+        loss, pairs = mod.grkd_fwd_triton(student, teacher, 2.0, top_k, mask)
+        mod.grkd_bwd_triton(torch.ones_like(loss), student, teacher, pairs, 2.0, top_k, mask)
+
+
+def _geometry_case(stem):
+    # gram / cka / relation in the D x D form (their kernels; the N x N form runs the torch
+    # path): a teacher of the student's width where N <= max(Ds, Dt). "mean": no mask, the
+    # default flags; "none": a mask and the other flags (gram: no centring/normalisation, cka:
+    # unbiased), so both row-load variants and the 'frob' / 'row' / no-scaling paths compile.
+    def case(mod, student, teacher, reduction):
+        import torch
+
+        n = student.shape[0]
+        if n <= max(student.shape[1], teacher.shape[1]):
+            teacher = torch.randn(n, student.shape[1]).to(student.dtype)
+        mask = (torch.arange(n) % 4 != 0) if reduction == "none" else None
+        plain = reduction == "mean"
+        flags = {"gram": (plain, plain), "cka": (not plain,), "relation": ()}[stem]
+        out = getattr(mod, f"{stem}_fwd_triton")(student, teacher, mask, *flags)
+        bwd = getattr(mod, f"{stem}_bwd_triton")
+        bwd(torch.tensor(1.0), student, teacher, mask, *out[1:], *flags, True, True)
+        bwd(torch.tensor(1.0), student, teacher, mask, *out[1:], *flags, True, False)
 
     return case
 
@@ -102,6 +157,12 @@ TRITON_CASES = {
     "kd_loss": ("kd_kernels.triton.logit", _divergence_case("kd")),
     "reverse_kl_loss": ("kd_kernels.triton.logit", _divergence_case("reverse_kl")),
     "tvd_loss": ("kd_kernels.triton.logit", _divergence_case("tvd")),
+    "gram_loss": ("kd_kernels.triton.geometry", _geometry_case("gram")),
+    "cka_loss": ("kd_kernels.triton.geometry", _geometry_case("cka")),
+    "relation_loss": ("kd_kernels.triton.geometry", _geometry_case("relation")),
+    "jsd_loss": ("kd_kernels.triton.logit", _jsd_case),
+    "dist_loss": ("kd_kernels.triton.logit", _dist_case),
+    "grkd_loss": ("kd_kernels.triton.logit", _grkd_case),
 }
 
 # CUDA C++ kernels that must use tensor cores besides those named *gram* / *mma*.

@@ -66,6 +66,16 @@ def available_memory_bytes(device: str) -> int:
     return 8 << 30
 
 
+def _malloc_trim() -> None:
+    """glibc's malloc_trim(0) where available: freed memory the heap keeps is returned to the OS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
     """Peak memory (MB) that one call of ``fn`` allocates above the level before it."""
     gc.collect()
@@ -79,6 +89,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         peak = torch.cuda.max_memory_allocated() - base
         del out
         return peak / 2**20
+    _malloc_trim()  # hand freed heap pages back, so that reused ones count again (order-independent)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM (peak RSS) to the current RSS

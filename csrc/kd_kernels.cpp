@@ -81,7 +81,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace kd_kernels;
   m.doc() = "kd_kernels CUDA C++ kernels: plain functions called by the custom ops of kd_kernels.ops";
 
-  // ---- Hinton KD (csrc/cuda/logit.cu) -------------------------------------------------------
+  // ---- The divergence group: Hinton KD, reverse KL, JSD, TVD (csrc/cuda/logit.cu) ------------
   ::kd_kernels::bind_kernel(m, "kd_fwd_cuda", &kd_fwd_cuda,
        "(row_loss, lse_s, lse_t) [N] (float32; float64 for float64 logits) of logits [N, C]: "
        "row_loss = T^2 KL(softmax(teacher/T) || softmax(student/T))",
@@ -89,6 +89,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ::kd_kernels::bind_kernel(m, "kd_bwd_cuda", &kd_bwd_cuda,
        "grad_student [N, C] (student's dtype) = grad_row[r] * T * (q - p)", "grad_row"_a, "student"_a, "teacher"_a,
        "lse_s"_a, "lse_t"_a, "temperature"_a);
+  ::kd_kernels::bind_kernel(m, "divergence_fwd_cuda", &divergence_fwd_cuda,
+       "(row_loss, lse_s, lse_t) [N] (float32; float64 for float64 logits) of logits [N, C] for kind "
+       "'kd' | 'reverse_kl' | 'jsd' | 'tvd' (beta: jsd only, in [0, 1]); one kernel template, kd_fwd_cuda is its 'kd'",
+       "kind"_a, "student"_a, "teacher"_a, "temperature"_a, "beta"_a);
+  ::kd_kernels::bind_kernel(m, "divergence_bwd_cuda", &divergence_bwd_cuda,
+       "grad_student [N, C] (student's dtype) = grad_row[r] * d row_loss[r] / d student for kind "
+       "'kd' | 'reverse_kl' | 'jsd' | 'tvd'",
+       "kind"_a, "grad_row"_a, "student"_a, "teacher"_a, "lse_s"_a, "lse_t"_a, "temperature"_a, "beta"_a);
+
+  // ---- The divergence group on the CPU (csrc/cpu/logit.cpp) --------------------------------
+  ::kd_kernels::bind_kernel(m, "divergence_cpu_supported", &divergence_cpu_supported,
+       "True when this CPU runs the AVX2 + FMA loops of divergence_fwd_cpu / divergence_bwd_cpu");
+  ::kd_kernels::bind_kernel(m, "divergence_fwd_cpu", &divergence_fwd_cpu,
+       "(row_loss, lse_s, lse_t) [N] float32 of CPU float32 logits [N, C] for kind 'kd' | 'forward_kl' | "
+       "'reverse_kl' | 'jsd' | 'tvd'; keep [N] bool (False: row loss 0)",
+       "kind"_a, "student"_a, "teacher"_a, "keep"_a, "temperature"_a, "beta"_a);
+  ::kd_kernels::bind_kernel(m, "divergence_bwd_cpu", &divergence_bwd_cpu,
+       "grad_student [N, C] float32 = grad_row[r] * d row_loss[r] / d student (0 on dropped rows)",
+       "kind"_a, "grad_row"_a, "student"_a, "teacher"_a, "lse_s"_a, "lse_t"_a, "keep"_a, "temperature"_a, "beta"_a);
 
   // ---- RKD (csrc/cuda/rkd_distance.cu, csrc/cuda/rkd_angle.cu; math in docs/rkd.md) ----------
   ::kd_kernels::bind_kernel(m, "rkd_distance_fwd_cuda", &rkd_distance_fwd_cuda,
@@ -104,6 +123,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   ::kd_kernels::bind_kernel(m, "rkd_angle_bwd_cuda", &rkd_angle_bwd_cuda,
        "(grad_student, grad_teacher); an unneeded gradient is an empty tensor", "grad"_a, "student"_a,
        "teacher"_a, "reduction"_a, "need_student"_a, "need_teacher"_a, "precision"_a);
+
+  // ---- Batched log-domain Sinkhorn, CPU (csrc/cpu/sinkhorn.cpp; math in docs/sinkhorn.md §4) ----
+  ::kd_kernels::bind_kernel(m, "sinkhorn_fwd_cpu", &sinkhorn_fwd_cpu,
+       "(plan [B, n, m] in cost's dtype, alphas [L, B, n], betas [L, B, m]) of the log-domain Sinkhorn on CPU "
+       "tensors, cost [B, n, m] (batch stride 0 = shared), a [B, n], b [B, m]: the outputs of "
+       "kd_kernels.torch_impl.sinkhorn.sinkhorn_fwd (float64 when any input is float64, else float32)",
+       "cost"_a, "a"_a, "b"_a, "epsilon"_a, "n_iters"_a);
 
   m.def("build_info", &kd_kernels::build_info,
         "dict(cuda_version, archs, torch_version_at_build, debug, ops): how this library was built; "

@@ -33,10 +33,16 @@ _ext = load_extension()
 EXT_FUNCTIONS = (
     "kd_fwd_cuda",
     "kd_bwd_cuda",
+    "divergence_fwd_cuda",
+    "divergence_bwd_cuda",
+    "divergence_cpu_supported",
+    "divergence_fwd_cpu",
+    "divergence_bwd_cpu",
     "rkd_distance_fwd_cuda",
     "rkd_distance_bwd_cuda",
     "rkd_angle_fwd_cuda",
     "rkd_angle_bwd_cuda",
+    "sinkhorn_fwd_cpu",
 )
 needs_ext = pytest.mark.skipif(_ext is None, reason=f"kd_kernels._C not built: {extension_status()}")
 

@@ -318,8 +318,8 @@ def test_opcheck_backward_ops():
 
 def test_op_without_kernel_raises():
     s, t = torch.randn(2, 3), torch.randn(2, 3)
-    with pytest.raises(NotImplementedError, match="triton"):  # JSD has no Triton kernel (yet)
-        logit_ops.jsd_fwd(s, t, 0.5, 1.0, None, "triton")
+    with pytest.raises(NotImplementedError, match="cuda"):  # GRKD has no CUDA C++ kernel (yet)
+        logit_ops.grkd_fwd(s, t, 1.0, None, None, "cuda")
 
 
 COMPILE_CASES = [

@@ -195,3 +195,83 @@ def test_func_transforms_documented_behaviour():
     torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=0)
     with pytest.raises(RuntimeError):
         torch.func.grad(lambda x: kd_kernels.rkd_distance_loss(x, teacher))(batch[0])
+
+
+# ------------------------------------------------------------- the eager path of _define.call
+# The public losses call their forward op through _define.call: in plain eager mode an equivalent
+# autograd.Function (no custom-op dispatch), whenever something traces or transforms the call the
+# op itself. Both must give the same values, gradients and errors.
+
+EAGER_CASES = {
+    "rkd_distance": (lambda s, t: (rkd.rkd_distance_fwd, (s, t, "mean", "torch")), 0),
+    "kd": (lambda s, t: (logit.kd_fwd, (s, t, 2.0, torch.tensor([False, True, False, False, False]), "torch")), 0),
+    "gram": (lambda s, t: (geometry.gram_fwd, (s, t, None, True, True, "torch")), 0),
+    "sinkhorn_loss": (lambda s, t: (sinkhorn.sinkhorn_loss_fwd, (s, t, 1.0, 0.1, 3, "torch")), 0),
+}
+
+
+def _spy_eager(monkeypatch):
+    """Count the calls of each eager autograd.Function."""
+    used = []
+    for fwd, fn in list(_define._EAGER.items()):
+
+        class Spy(fn):
+            @staticmethod
+            def forward(ctx, *args, _fn=fn):
+                used.append(_fn.__name__)
+                return _fn.forward(ctx, *args)
+
+        monkeypatch.setitem(_define._EAGER, fwd, Spy)
+    return used
+
+
+@pytest.mark.parametrize("name", list(EAGER_CASES))
+def test_eager_call_equals_the_op(name, monkeypatch):
+    make, index = EAGER_CASES[name]
+    used = _spy_eager(monkeypatch)
+    results = []
+    for via_call in (True, False):
+        torch.manual_seed(0)
+        s, t = _pair()
+        op, args = make(s, t)
+        out = _define.call(op, *args) if via_call else op(*args)
+        loss = (out[index] if isinstance(out, tuple) else out).sum()
+        loss.backward(torch.tensor(1.7))
+        results.append((loss.detach(), s.grad, t.grad))
+    assert used == [f"{name}_eager"], "eager mode must take the autograd.Function"
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["rkd_distance", "kd", "gram", "sinkhorn_loss"])
+def test_eager_call_keeps_the_double_backward_error(name):
+    make, index = EAGER_CASES[name]
+    s, t = _pair()
+    op, args = make(s, t)
+    out = _define.call(op, *args)
+    loss = (out[index] if isinstance(out, tuple) else out).sum()
+    (gs,) = torch.autograd.grad(loss, s, create_graph=True)
+    with pytest.raises(RuntimeError, match=rf"kd_kernels::{name}_bwd: second-order gradients \(double backward\)"):
+        torch.autograd.grad(gs.sum(), s)
+
+
+def test_traced_calls_take_the_op(monkeypatch):
+    used = _spy_eager(monkeypatch)
+    s, t = _pair()
+    # torch.func transforms, a fake-tensor mode, meta tensors and torch.compile: the op, not the Function
+    with pytest.raises(RuntimeError, match="functorch"):  # the op's documented torch.func.grad error (README "Limits")
+        torch.func.grad(lambda x: _define.call(rkd.rkd_distance_fwd, x, t.detach(), "mean", "torch")[0])(s.detach())
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fs, ft = torch.empty(5, 4), torch.empty(5, 4)
+        out = _define.call(rkd.rkd_distance_fwd, fs, ft, "mean", "torch")
+    assert out[0].shape == ()
+    meta = _define.call(logit.kd_fwd, s.to("meta"), t.to("meta"), 2.0, None, "torch")
+    assert meta[0].shape == (5,) and meta[0].device.type == "meta"
+    compiled = torch.compile(lambda x, y: _define.call(rkd.rkd_distance_fwd, x, y, "mean", "torch")[0],
+                             backend="eager", fullgraph=True)  # fmt: skip
+    compiled(s.detach(), t.detach())
+    assert used == [], f"traced calls took the eager Function: {used}"
+    _define.call(rkd.rkd_distance_fwd, s, t, "mean", "torch")
+    assert used == ["rkd_distance_eager"]

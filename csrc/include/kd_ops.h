@@ -27,6 +27,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_fwd_cuda(const at::Tensor& stu
 at::Tensor kd_bwd_cuda(const at::Tensor& grad_row, const at::Tensor& student, const at::Tensor& teacher,
                        const at::Tensor& lse_s, const at::Tensor& lse_t, double temperature);
 
+// ---- The divergence group: kd, reverse KL, JSD(beta), TVD (csrc/cuda/logit.cu) --------------
+// One kernel template over the kind; kd_fwd_cuda / kd_bwd_cuda are its "kd" instances.
+// kind: "kd" | "reverse_kl" | "jsd" | "tvd"; beta is read for "jsd" only (0 <= beta <= 1; 0 and
+// 1 are forward KL without T^2 and reverse KL). Shapes and dtypes as kd_fwd_cuda / kd_bwd_cuda.
+// Returns (row_loss, lse_s, lse_t), each [N] in float32 (float64 for float64 logits).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cuda(const std::string& kind, const at::Tensor& student,
+                                                                   const at::Tensor& teacher, double temperature,
+                                                                   double beta);
+// grad_student [N, C] in the student's dtype: grad_row[r] · d(row_loss[r]) / dz_s.
+at::Tensor divergence_bwd_cuda(const std::string& kind, const at::Tensor& grad_row, const at::Tensor& student,
+                               const at::Tensor& teacher, const at::Tensor& lse_s, const at::Tensor& lse_t,
+                               double temperature, double beta);
+
 // ---- RKD (csrc/cuda/rkd_distance.cu, csrc/cuda/rkd_angle.cu) --------------------------------
 // student [N, Ds], teacher [N, Dt], float32 / float16 / bfloat16 (float64 is the torch path's);
 // reduction "mean" | "sum" | "none"; precision "tf32x3" | "tf32" (fp32 products; ignored for
@@ -48,5 +61,27 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_bwd_cuda(const at::Tensor& grad, co
                                                       const at::Tensor& teacher, const std::string& reduction,
                                                       bool need_student, bool need_teacher,
                                                       const std::string& precision);
+
+// ---- The divergence group on the CPU (csrc/cpu/logit.cpp; math in docs/logit.md §3-6) -------
+// The PyTorch path's CPU kernel: student, teacher [N, C] float32 on the CPU; keep [N] bool (False =
+// dropped row: loss 0, gradient 0); kind "kd" | "forward_kl" | "reverse_kl" | "jsd" (0 < beta < 1)
+// | "tvd". Returns (row_loss, lse_s, lse_t) [N] float32, exactly torch_impl.logit.divergence_fwd's
+// outputs (kd includes T^2); the backward returns grad_student [N, C] float32 (teacher: PyTorch path).
+// The loops are compiled for AVX2 + FMA: divergence_cpu_supported() says whether this CPU runs them.
+bool divergence_cpu_supported();
+std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(const std::string& kind, const at::Tensor& student,
+                                                                  const at::Tensor& teacher, const at::Tensor& keep,
+                                                                  double temperature, double beta);
+at::Tensor divergence_bwd_cpu(const std::string& kind, const at::Tensor& grad_row, const at::Tensor& student,
+                              const at::Tensor& teacher, const at::Tensor& lse_s, const at::Tensor& lse_t,
+                              const at::Tensor& keep, double temperature, double beta);
+
+// ---- Batched log-domain Sinkhorn, CPU (csrc/cpu/sinkhorn.cpp; math in docs/sinkhorn.md §4) ---
+// cost [B, n, m] (batch stride 0 = one shared cost), a [B, n], b [B, m]; any floating dtypes,
+// computed in float64 when any is float64, else float32. Returns (plan [B, n, m] in cost's dtype,
+// alphas [L, B, n], betas [L, B, m]): exactly kd_kernels.torch_impl.sinkhorn.sinkhorn_fwd's outputs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_fwd_cpu(const at::Tensor& cost, const at::Tensor& a,
+                                                                const at::Tensor& b, double epsilon,
+                                                                int64_t n_iters);
 
 }  // namespace kd_kernels

@@ -34,6 +34,7 @@ from kd_kernels._validate import (
 )
 from kd_kernels.losses._module import LossModule
 from kd_kernels.ops import geometry as _ops
+from kd_kernels.ops._define import call
 
 __all__ = [
     "CKALoss",
@@ -46,7 +47,13 @@ __all__ = [
     "relation_loss",
 ]
 
-_KERNELS = ("torch",)
+# loss -> backends with kernels (kd_kernels/ops/geometry.py); Procrustes has no Triton kernel yet.
+_KERNELS = {
+    "gram_loss": ("torch", "triton"),  # kd_kernels/triton/geometry.py
+    "cka_loss": ("torch", "triton"),
+    "relation_loss": ("torch", "triton"),
+    "procrustes_loss": ("torch",),
+}
 # The non-tensor keyword arguments of each loss and their checks (shared with the modules).
 _ARGS = {
     "gram_loss": {"center": flag, "normalize": flag, "backend": backend_choice},
@@ -63,7 +70,7 @@ def _check(loss: str, student, teacher, mask, backend, *, min_rows: int, why: st
     check_batch(loss, "student", student, "[B, N, Ds]")
     check_mask(loss, "mask", mask, tuple(student.shape[:-1]), student.device)
     check_mask_rows(loss, "mask", mask, min_rows, why)  # eager only (reads the mask)
-    return resolve_backend(backend, student.device, loss=loss, kernels=_KERNELS)
+    return resolve_backend(backend, student.device, loss=loss, kernels=_KERNELS[loss])
 
 
 def gram_loss(
@@ -120,7 +127,7 @@ def gram_loss(
         why="centring needs N >= 2",
         flags={"center": center, "normalize": normalize},
     )
-    return _ops.gram_fwd(student, teacher, mask, center, normalize, backend)[0]
+    return call(_ops.gram_fwd, student, teacher, mask, center, normalize, backend)[0]
 
 
 def procrustes_loss(
@@ -178,7 +185,7 @@ def procrustes_loss(
         why="centring needs N >= 2",
         flags={"center": center},
     )
-    return _ops.procrustes_fwd(student, teacher, mask, center, backend)[0]
+    return call(_ops.procrustes_fwd, student, teacher, mask, center, backend)[0]
 
 
 def cka_loss(
@@ -240,7 +247,7 @@ def cka_loss(
         why="unbiased CKA needs N >= 4" if unbiased else "centring needs N >= 2",
         flags={"unbiased": unbiased},
     )
-    return _ops.cka_fwd(student, teacher, mask, unbiased, backend)[0]
+    return call(_ops.cka_fwd, student, teacher, mask, unbiased, backend)[0]
 
 
 def relation_loss(
@@ -283,7 +290,7 @@ def relation_loss(
         >>> loss.backward()
     """
     backend = _check("relation_loss", student, teacher, mask, backend, min_rows=1, why="N >= 1", flags={})
-    return _ops.relation_fwd(student, teacher, mask, backend)[0]
+    return call(_ops.relation_fwd, student, teacher, mask, backend)[0]
 
 
 class GramLoss(LossModule, function=gram_loss, spec=_ARGS["gram_loss"]):

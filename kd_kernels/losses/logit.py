@@ -19,6 +19,7 @@ from kd_kernels._backend import resolve_backend
 from kd_kernels._validate import backend_choice, check_args, check_mask, check_pair, choice, number, optional
 from kd_kernels.losses._module import LossModule
 from kd_kernels.ops import logit as _logit_ops
+from kd_kernels.ops._define import call
 
 __all__ = [
     "DISTLoss",
@@ -41,8 +42,11 @@ _KERNELS = {
     name: ("torch",) for name in ("kd_loss", "reverse_kl_loss", "jsd_loss", "tvd_loss", "dist_loss", "grkd_loss")
 }
 _KERNELS["kd_loss"] = ("torch", "cuda", "triton")  # csrc/cuda/logit.cu, kd_kernels/triton/logit.py
-_KERNELS["reverse_kl_loss"] = ("torch", "triton")  # kd_kernels/triton/logit.py
-_KERNELS["tvd_loss"] = ("torch", "triton")  # kd_kernels/triton/logit.py
+_KERNELS["reverse_kl_loss"] = ("torch", "cuda", "triton")  # csrc/cuda/logit.cu, kd_kernels/triton/logit.py
+_KERNELS["tvd_loss"] = ("torch", "cuda", "triton")  # csrc/cuda/logit.cu, kd_kernels/triton/logit.py
+_KERNELS["jsd_loss"] = ("torch", "cuda", "triton")  # csrc/cuda/logit.cu, kd_kernels/triton/logit.py
+_KERNELS["dist_loss"] = ("torch", "triton")  # kd_kernels/triton/logit.py
+_KERNELS["grkd_loss"] = ("torch", "triton")  # kd_kernels/triton/logit.py
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 _NAMES = ("student_logits", "teacher_logits")
 
@@ -95,7 +99,7 @@ def _reduce(rows: torch.Tensor, reduction: str, ignore_mask: torch.Tensor | None
 def _divergence(loss: str, op, student, teacher, scalars, reduction, ignore_mask, backend):
     backend = resolve_backend(backend, student.device, loss=loss, kernels=_KERNELS[loss])
     mask = _as_bool(ignore_mask)
-    rows, _, _ = op(student, teacher, *scalars, mask, backend)
+    rows, _, _ = call(op, student, teacher, *scalars, mask, backend)
     return _reduce(rows, reduction, mask, student.shape[1], student.dtype)
 
 
@@ -384,7 +388,8 @@ def dist_loss(
         inter_weight=inter_weight, intra_weight=intra_weight, backend=backend,
     )
     backend = resolve_backend(backend, student_logits.device, loss="dist_loss", kernels=_KERNELS["dist_loss"])
-    loss, _, _, _ = _logit_ops.dist_fwd(
+    loss, _, _, _ = call(
+        _logit_ops.dist_fwd,
         student_logits,
         teacher_logits,
         float(temperature),
@@ -444,7 +449,8 @@ def grkd_loss(
         backend=backend,
     )
     backend = resolve_backend(backend, student_logits.device, loss="grkd_loss", kernels=_KERNELS["grkd_loss"])
-    loss, _ = _logit_ops.grkd_fwd(
+    loss, _ = call(
+        _logit_ops.grkd_fwd,
         student_logits, teacher_logits, float(temperature), top_k, _as_bool(ignore_mask), backend
     )
     return loss.to(student_logits.dtype)

@@ -10,6 +10,7 @@ from kd_kernels._backend import resolve_backend
 from kd_kernels._validate import backend_choice, check_args, check_pair, choice, number
 from kd_kernels.losses._module import LossModule
 from kd_kernels.ops import rkd as _ops
+from kd_kernels.ops._define import call
 
 __all__ = ["RKDAngleLoss", "RKDDistanceLoss", "RKDLoss", "rkd_angle_loss", "rkd_distance_loss", "rkd_loss"]
 
@@ -64,7 +65,7 @@ def rkd_distance_loss(
         >>> loss.backward()
     """
     backend = _prepare("rkd_distance_loss", student, teacher, reduction, backend, 2)
-    return _ops.rkd_distance_fwd(student, teacher, reduction, backend)[0]
+    return call(_ops.rkd_distance_fwd, student, teacher, reduction, backend)[0]
 
 
 def rkd_angle_loss(
@@ -109,7 +110,7 @@ def rkd_angle_loss(
         >>> loss.backward()
     """
     backend = _prepare("rkd_angle_loss", student, teacher, reduction, backend, 1)
-    return _ops.rkd_angle_fwd(student, teacher, reduction, backend)
+    return call(_ops.rkd_angle_fwd, student, teacher, reduction, backend)
 
 
 def rkd_loss(
@@ -145,8 +146,8 @@ def rkd_loss(
     """
     check_args("rkd_loss", _RKD_ARGS, distance_weight=distance_weight, angle_weight=angle_weight, backend=backend)
     backend = _prepare("rkd_loss", student, teacher, "mean", backend, 2)
-    dist = _ops.rkd_distance_fwd(student, teacher, "mean", backend)[0]
-    angle = _ops.rkd_angle_fwd(student, teacher, "mean", backend)
+    dist = call(_ops.rkd_distance_fwd, student, teacher, "mean", backend)[0]
+    angle = call(_ops.rkd_angle_fwd, student, teacher, "mean", backend)
     return distance_weight * dist + angle_weight * angle
 
 

@@ -9,6 +9,7 @@ from kd_kernels._backend import resolve_backend
 from kd_kernels._validate import backend_choice, check_args, check_pair, check_tensor, number
 from kd_kernels.losses._module import LossModule
 from kd_kernels.ops import sinkhorn as _ops
+from kd_kernels.ops._define import call
 
 __all__ = ["SinkhornLoss", "sinkhorn", "sinkhorn_loss"]
 
@@ -85,7 +86,8 @@ def sinkhorn_loss(
     )
     check_args(name, _LOSS_ARGS, temperature=temperature, epsilon=epsilon, n_iters=n_iters, backend=backend)
     backend = resolve_backend(backend, student_logits.device, loss=name, kernels=_KERNELS)
-    return _ops.sinkhorn_loss_fwd(
+    return call(
+        _ops.sinkhorn_loss_fwd,
         student_logits,
         teacher_logits,
         float(temperature),
@@ -152,7 +154,11 @@ def sinkhorn(
             autograd through the loop gives). Used as given, NOT normalised: give ``a`` and
             ``b`` the same total mass for a balanced problem.
         b: target marginals ``[m]`` or ``[B, m]``; uniform ``1/m`` when None. Same rules.
-        backend: ``"auto" | "cuda" | "triton" | "torch"``; only ``"torch"`` exists yet.
+        backend: ``"auto" | "cuda" | "triton" | "torch"``; only ``"torch"`` exists yet. On CPU
+            tensors its forward is the fused C++ kernel ``kd_kernels._C.sinkhorn_fwd_cpu`` (one
+            problem per thread, its cost kept in cache for all iterations; the same plans and
+            potentials as the PyTorch code to rounding) when the extension is built, else the
+            PyTorch code; the backward is the PyTorch reverse recurrence either way.
 
     Shape:
         - cost: ``[B, n, m]`` or ``[n, m]`` (n, m >= 1).
@@ -192,7 +198,7 @@ def sinkhorn(
     uniform_dtype = torch.promote_types(cost.dtype, torch.float32)
     a = torch.full((n,), 1.0 / n, dtype=uniform_dtype, device=cost.device) if a is None else a
     b = torch.full((m,), 1.0 / m, dtype=uniform_dtype, device=cost.device) if b is None else b
-    plan = _ops.sinkhorn_fwd(c, a.expand(nb, n), b.expand(nb, m), float(epsilon), n_iters, backend)[0]
+    plan = call(_ops.sinkhorn_fwd, c, a.expand(nb, n), b.expand(nb, m), float(epsilon), n_iters, backend)[0]
     return plan if batch is not None else plan.squeeze(0)
 
 

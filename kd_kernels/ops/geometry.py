@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kd_kernels.ops._define import define_loss_op
+from kd_kernels.ops._define import define_loss_op, lazy
 from kd_kernels.torch_impl import geometry as _torch
 
 
@@ -47,11 +47,19 @@ def _torch_kernels(loss: str, n_saved: int) -> tuple:
     )
 
 
+_TRITON = "kd_kernels.triton.geometry"
+
+
+def _triton_kernels(loss: str) -> tuple:
+    """kd_kernels/triton/geometry.py launchers (imported on first call; fp32/fp16/bf16 only)."""
+    return (lazy(_TRITON, f"{loss}_fwd_triton"), lazy(_TRITON, f"{loss}_bwd_triton"))
+
+
 # loss -> {backend: (forward, backward)}. Other backends are added here.
 _KERNELS = {
-    "gram": {"torch": _torch_kernels("gram", 8)},
-    "cka": {"torch": _torch_kernels("cka", 8)},
-    "relation": {"torch": _torch_kernels("relation", 8)},
+    "gram": {"torch": _torch_kernels("gram", 8), "triton": _triton_kernels("gram")},
+    "cka": {"torch": _torch_kernels("cka", 8), "triton": _triton_kernels("cka")},
+    "relation": {"torch": _torch_kernels("relation", 8), "triton": _triton_kernels("relation")},
     "procrustes": {"torch": _torch_kernels("procrustes", 5)},
 }
 

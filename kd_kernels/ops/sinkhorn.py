@@ -18,13 +18,45 @@ An unneeded gradient is an empty tensor. Inputs are validated by the public func
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
+from kd_kernels import _backend
 from kd_kernels.ops._define import define_loss_op
 from kd_kernels.torch_impl import sinkhorn as _torch_impl
 from kd_kernels.torch_impl.sinkhorn import _compute_dtype  # the fakes must agree with the kernels' dtype rule
 
+# The "torch" backend's forward of ``sinkhorn`` on CPU tensors runs the fused C++ kernel
+# ``kd_kernels._C.sinkhorn_fwd_cpu`` (csrc/cpu/sinkhorn.cpp: one problem per thread, its cost in
+# cache for all iterations, one exp per element and iteration) when the extension is built, else
+# the PyTorch code of torch_impl. Both return the same (plan, alphas, betas), so the backward is
+# always torch_impl.sinkhorn_bwd. Set to False to force the PyTorch code (tests, comparisons).
+USE_CPU_KERNEL = True
+
+
+def _cpu_sinkhorn_kernel() -> Callable | None:
+    """``kd_kernels._C.sinkhorn_fwd_cpu`` when the extension is loaded and has it, else None."""
+    if not USE_CPU_KERNEL:
+        return None
+    ext = _backend.load_extension()
+    return getattr(ext, "sinkhorn_fwd_cpu", None) if ext is not None else None
+
+
+def _sinkhorn_fwd_torch(
+    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, epsilon: float, n_iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "torch" backend's forward: the C++ CPU kernel for CPU tensors when built, else torch_impl."""
+    if cost.device.type == "cpu":
+        kernel = _cpu_sinkhorn_kernel()
+        if kernel is not None:
+            return kernel(cost, a, b, float(epsilon), int(n_iters))
+    return _torch_impl.sinkhorn_fwd(cost, a, b, epsilon, n_iters)
+
+
 # backend -> (forward, backward). "triton" and "cuda" kernels register here when written.
 _SINKHORN_LOSS_IMPLS = {"torch": (_torch_impl.sinkhorn_loss_fwd, _torch_impl.sinkhorn_loss_bwd)}
-_SINKHORN_IMPLS = {"torch": (_torch_impl.sinkhorn_fwd, _torch_impl.sinkhorn_bwd)}
+_SINKHORN_IMPLS = {"torch": (_sinkhorn_fwd_torch, _torch_impl.sinkhorn_bwd)}
 
 
 def _sinkhorn_loss_fake(student, teacher, temperature, epsilon, n_iters):

@@ -403,24 +403,33 @@ def tvd_bwd(
 DIST_EPS = 1e-8
 
 
-def _pearson_grads(a_hat, b_hat, n, m, s, need_a: bool, need_b: bool):
-    """∂r/∂a and ∂r/∂b of r = s/(nm + eps) for centred vectors (broadcast shapes)."""
-    q = n * m + DIST_EPS
-    tiny = torch.finfo(a_hat.dtype).tiny
-    # s/n first: it is bounded by m (Cauchy-Schwarz) and exactly 0 when n = 0
-    ga = b_hat / q - (s / n.clamp_min(tiny) * m / (q * q)) * a_hat if need_a else None
-    gb = a_hat / q - (s / m.clamp_min(tiny) * n / (q * q)) * b_hat if need_b else None
-    return ga, gb
+def _dist_probs(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both softmaxes in one call: ``(x, y)`` with ``x = [z_s; z_t]/τ`` and ``y = softmax(x)``,
+    both ``[2, rows, C]`` in ``dtype`` (index 0 the student, 1 the teacher).
+
+    Stacking halves the number of ATen calls of everything that follows; at typical DIST
+    shapes (N·C ~ 1e4-1e5) the calls, not the arithmetic, dominate on CPU.
+    """
+    x = torch.stack((student.to(dtype), teacher.to(dtype)))
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x, torch.softmax(x, dim=2)
 
 
-def _row_centred(ys, yt):
-    """Centred rows and their norms/inner products: (â, b̂, n, m, s), stats as [rows, 1]."""
-    a_hat = ys - ys.mean(1, keepdim=True)
-    b_hat = yt - yt.mean(1, keepdim=True)
-    n = a_hat.norm(dim=1, keepdim=True)
-    m = b_hat.norm(dim=1, keepdim=True)
-    s = (a_hat * b_hat).sum(1, keepdim=True)
-    return a_hat, b_hat, n, m, s
+def _pearson_coeffs(n: torch.Tensor, m: torch.Tensor, s: torch.Tensor, scale, need_a: bool, need_b: bool):
+    """Coefficients of ``scale · ∂r/∂a = scale (b̂/q - s m/(n q²) â)`` for r = s/(nm + eps),
+    q = nm + eps: returns ``(scale/q, scale·s m/(n q²), scale·s n/(m q²))`` (the partner's,
+    the own one for a, the own one for b; None where not needed). ``s/n`` is taken first: it
+    is bounded by m (Cauchy-Schwarz) and exactly 0 when n = 0, as torch's norm backward gives."""
+    tiny = torch.finfo(n.dtype).tiny
+    inv_q = (n * m + DIST_EPS).reciprocal_()
+    partner = inv_q * scale
+    s_q2 = s * inv_q * partner  # scale · s / q²
+    own_a = (s_q2 / n.clamp_min(tiny)).mul_(m) if need_a else None
+    own_b = (s_q2 / m.clamp_min(tiny)).mul_(n) if need_b else None
+    return partner, own_a, own_b
 
 
 def dist_fwd(
@@ -433,53 +442,74 @@ def dist_fwd(
     *,
     chunk_rows: int | None = None,
 ):
-    """Forward of DIST. Returns ``(loss [], lse_s [N], lse_t [N], class_stats [5, C])``."""
+    """Forward of DIST. Returns ``(loss [], lse_s [N], lse_t [N], class_stats [5, C])``.
+
+    When all rows fit in one chunk (the usual case: N·C <= CHUNK_ELEMENTS) the class
+    statistics come straight from that chunk; otherwise the chunk statistics are merged with
+    Chan's update. Without a mask the row count is the Python int N (no count tensors).
+    """
     n_rows, c = student.shape
     dtype = compute_dtype(student, teacher)
     dev = student.device
-    keep = _keep_rows(ignore_mask, n_rows, dev)
+    masked = ignore_mask is not None  # without a mask every w is 1: skip the selects
+    keep = _keep_rows(ignore_mask, n_rows, dev) if masked else None
     lse_s = torch.empty(n_rows, dtype=dtype, device=dev)
     lse_t = torch.empty_like(lse_s)
-    zeros_c = torch.zeros(c, dtype=dtype, device=dev)
-    mu_s, mu_t, m2_s, m2_t, c_st = (zeros_c.clone() for _ in range(5))
-    count = torch.zeros((), dtype=dtype, device=dev)
-    inter_sum = torch.zeros((), dtype=dtype, device=dev)
     step = chunk_rows_for(c, chunk_rows)
+    if n_rows == 0:  # no chunk: zero statistics (the loss is 0 through [K > 0])
+        mu = m2 = torch.zeros(2, c, dtype=dtype, device=dev)
+        c_st, count, inter_sum = m2[0], m2.new_zeros(()), m2.new_zeros(())
     for a in range(0, n_rows, step):
         b = min(a + step, n_rows)
-        ls, lse_s[a:b] = _log_probs(student[a:b], temperature, dtype, fused=False)
-        lt, lse_t[a:b] = _log_probs(teacher[a:b], temperature, dtype, fused=False)
-        kept = keep[a:b, None]
-        masked = ignore_mask is not None  # without a mask every w is 1: skip the selects
+        x, y = _dist_probs(student[a:b], teacher[a:b], temperature, dtype)
+        # lse = max + log S, and the largest probability is exp(max - lse) = 1/S
+        lse = x.amax(2).sub_(y.amax(2).log_())
+        lse_s[a:b], lse_t[a:b] = lse[0], lse[1]
         if masked:
-            ys, yt = torch.where(kept, ls.exp(), 0.0), torch.where(kept, lt.exp(), 0.0)
+            kept = keep[a:b]
+            y = torch.where(kept[:, None], y, 0.0)
+            w = kept.to(dtype)
+            nb = w.sum()
         else:
-            ys, yt = ls.exp_(), lt.exp_()
-        w = keep[a:b].to(dtype)
-        _, _, n, m, s = _row_centred(ys, yt)
-        inter_sum = inter_sum + (w * (s / (n * m + DIST_EPS)).squeeze(1)).sum()
-        # chunk-local class moments over the kept rows, then Chan's pairwise merge
-        nb = w.sum()
-        mean_bs = ((w[:, None] * ys) if masked else ys).sum(0) / nb.clamp_min(1)
-        mean_bt = ((w[:, None] * yt) if masked else yt).sum(0) / nb.clamp_min(1)
-        ds = (ys - mean_bs).mul_(w[:, None]) if masked else ys - mean_bs
-        dt = (yt - mean_bt).mul_(w[:, None]) if masked else yt - mean_bt
+            nb = b - a
+        # row statistics, centred in x's buffer (x is not needed any more)
+        ra = torch.sub(y, 1.0 / c, out=x)
+        nm = torch.linalg.vector_norm(ra, dim=2)
+        s = ra[0].mul_(ra[1]).sum(1)  # <â, b̂> (â is not needed any more)
+        r = s / (nm[0] * nm[1] + DIST_EPS)
+        r_sum = torch.dot(w, r) if masked else r.sum()
+        # chunk-local class moments over the kept rows, centred in x's buffer again
+        mean_b = (y.sum(1) / nb.clamp_min(1)) if masked else y.mean(1)  # [2, C]
+        d = torch.sub(y, mean_b[:, None, :], out=x)
+        if masked:
+            d.mul_(w[:, None])
+        c_b = torch.mul(d[0], d[1], out=y[0]).sum(0)  # y is not needed any more either
+        m2_b = d.square_().sum(1)
+        if a == 0:  # the first (usually the only) chunk: its statistics as they are
+            mu, m2, c_st, count, inter_sum = mean_b, m2_b, c_b, nb, r_sum
+            continue
+        inter_sum = inter_sum + r_sum
+        # Chan's pairwise merge of (count, mean, M2, C) with this chunk's
         total = count + nb
-        frac_b = nb / total.clamp_min(1)
+        frac_b = nb / total.clamp_min(1) if masked else nb / total
         cross = count * frac_b  # n_a n_b / (n_a + n_b)
-        delta_s = mean_bs - mu_s
-        delta_t = mean_bt - mu_t
-        mu_s = mu_s + delta_s * frac_b
-        mu_t = mu_t + delta_t * frac_b
-        m2_s = m2_s + (ds * ds).sum(0) + delta_s * delta_s * cross
-        m2_t = m2_t + (dt * dt).sum(0) + delta_t * delta_t * cross
-        c_st = c_st + (ds * dt).sum(0) + delta_s * delta_t * cross
+        delta = mean_b - mu
+        mu = mu + delta * frac_b
+        m2 = m2 + m2_b + delta * delta * cross
+        c_st = c_st + c_b + delta[0] * delta[1] * cross
         count = total
-    n_c, m_c = m2_s.clamp_min(0).sqrt(), m2_t.clamp_min(0).sqrt()
-    intra = 1.0 - (c_st / (n_c * m_c + DIST_EPS)).mean()
-    inter = 1.0 - inter_sum / count.clamp_min(1)
-    loss = temperature**2 * (inter_weight * inter + intra_weight * intra) * (count > 0).to(dtype)
-    return loss, lse_s, lse_t, torch.stack([mu_s, mu_t, n_c, m_c, c_st])
+    norms = m2.clamp_min(0).sqrt_()
+    t2 = temperature**2
+    intra_sum = (c_st / (norms[0] * norms[1] + DIST_EPS)).sum()
+    # L = τ² (β (1 - Σ w r / K) + γ (1 - Σ_c r_c / C)) · [K > 0]
+    if masked:
+        inter = 1.0 - inter_sum / count.clamp_min(1)
+        loss = t2 * (inter_weight * inter + intra_weight * (1.0 - intra_sum / c)) * (count > 0).to(dtype)
+    else:
+        k = max(n_rows, 1)
+        loss = torch.add(inter_sum * (-t2 * inter_weight / k), intra_sum, alpha=-t2 * intra_weight / c)
+        loss = loss.add_(t2 * (inter_weight + intra_weight)).mul_(float(n_rows > 0))
+    return loss, lse_s, lse_t, torch.cat((mu, norms, c_st[None]))
 
 
 def dist_bwd(
@@ -498,43 +528,66 @@ def dist_bwd(
     *,
     chunk_rows: int | None = None,
 ):
-    """Backward of :func:`dist_fwd` given the scalar ``grad``; returns (grad_s, grad_t)."""
+    """Backward of :func:`dist_fwd` given the scalar ``grad``; returns (grad_s, grad_t).
+
+    The probabilities are recomputed with the forward's own softmax (``lse_s``/``lse_t`` are
+    not needed). Per side, with the partner's centred values b̂ (row) and cb (class) and the
+    coefficients of :func:`_pearson_coeffs` (scale and the softmax Jacobian's 1/τ folded in):
+    ``g = α_r b̂ - β_r â + α_c cb - β_c ca`` and ``dz = y ⊙ (g - <g, y>)``.
+    """
     n_rows, c = student.shape
     dtype = compute_dtype(student, teacher)
-    keep = _keep_rows(ignore_mask, n_rows, student.device)
-    count = keep.sum().to(dtype)
-    scale = -(temperature**2) * grad.to(dtype) * (count > 0).to(dtype)
-    row_scale = scale * inter_weight / count.clamp_min(1)
-    col_scale = scale * intra_weight / c
-    mu_s, mu_t, n_c, m_c, s_c = class_stats.to(dtype).unbind(0)
-    gs_out = torch.empty_like(student) if need_student else student.new_empty(0)
-    gt_out = torch.empty_like(teacher) if need_teacher else teacher.new_empty(0)
+    masked = ignore_mask is not None  # without a mask every w is 1: skip the selects
+    g0 = grad.to(dtype) * -temperature  # -τ² grad / τ
+    if masked:
+        keep = _keep_rows(ignore_mask, n_rows, student.device)
+        count = keep.sum().to(dtype)
+        g0 = g0 * (count > 0).to(dtype)
+        row_scale = g0 * inter_weight / count.clamp_min(1)
+    else:
+        row_scale = g0 * (inter_weight / max(n_rows, 1))
+    col_scale = g0 * (intra_weight / c)
+    stats = class_stats.to(dtype)
+    mu = stats[:2]
+    col_ab, col_a, col_b = _pearson_coeffs(stats[2], stats[3], stats[4], col_scale, need_student, need_teacher)
     step = chunk_rows_for(c, chunk_rows)
+    single = 0 < n_rows <= step
+    # one chunk: the outputs are the chunk results themselves (no [N, C] buffer and copy)
+    gs_out = student.new_empty(0) if single or not need_student else torch.empty_like(student)
+    gt_out = teacher.new_empty(0) if single or not need_teacher else torch.empty_like(teacher)
     for a in range(0, n_rows, step):
         b = min(a + step, n_rows)
-        ls, _ = _log_probs(student[a:b], temperature, dtype, lse_s[a:b].to(dtype))
-        lt, _ = _log_probs(teacher[a:b], temperature, dtype, lse_t[a:b].to(dtype))
-        kept = keep[a:b, None]
-        masked = ignore_mask is not None  # without a mask every w is 1: skip the selects
+        x, y = _dist_probs(student[a:b], teacher[a:b], temperature, dtype)
         if masked:
-            ys, yt = torch.where(kept, ls.exp(), 0.0), torch.where(kept, lt.exp(), 0.0)
-        else:
-            ys, yt = ls.exp_(), lt.exp_()
-        w = kept.to(dtype)
-        ra, rb, n, m, s = _row_centred(ys, yt)
-        row_ga, row_gb = _pearson_grads(ra, rb, n, m, s, need_student, need_teacher)
-        ca, cb = (ys - mu_s, yt - mu_t) if not masked else ((ys - mu_s) * w, (yt - mu_t) * w)
-        col_ga, col_gb = _pearson_grads(ca, cb, n_c, m_c, s_c, need_student, need_teacher)
-        for need, y, row_g, col_g, out in (
-            (need_student, ys, row_ga, col_ga, gs_out),
-            (need_teacher, yt, row_gb, col_gb, gt_out),
+            kept = keep[a:b, None]
+            y = torch.where(kept, y, 0.0)
+        ra = torch.sub(y, 1.0 / c, out=x)  # â, b̂ in x's buffer
+        nm = torch.linalg.vector_norm(ra, dim=2)
+        s = torch.linalg.vecdot(ra[0], ra[1])
+        row_ab, row_a, row_b = _pearson_coeffs(nm[0], nm[1], s, row_scale, need_student, need_teacher)
+        ca = y - mu[:, None, :]
+        if masked:
+            ca.mul_(kept.to(dtype))
+        for side, need, row_own, col_own, out in (
+            (0, need_student, row_a, col_a, gs_out),
+            (1, need_teacher, row_b, col_b, gt_out),
         ):
-            if need:
-                g = torch.add(row_g.mul_(row_scale), col_g.mul_(col_scale))
-                if masked:
-                    g.mul_(w)
-                dz = (g - (g * y).sum(1, keepdim=True)).mul_(y).div_(temperature)
-                out[a:b] = torch.where(kept, dz, 0.0) if masked else dz
+            if not need:
+                continue
+            other = 1 - side
+            g = ra[other] * row_ab[:, None]
+            g.addcmul_(ra[side], row_own[:, None], value=-1.0)
+            g.addcmul_(ca[other], col_ab)
+            g.addcmul_(ca[side], col_own, value=-1.0)
+            yo = y[side]
+            dz = g.sub_(torch.linalg.vecdot(g, yo)[:, None]).mul_(yo)
+            if masked:
+                dz = torch.where(kept, dz, 0.0)
+            if single:  # the only chunk: no copy (beyond a cast to the input's dtype)
+                out = dz.to(out.dtype)
+                gs_out, gt_out = (out, gt_out) if side == 0 else (gs_out, out)
+            else:
+                out[a:b] = dz
     return gs_out, gt_out
 
 
@@ -545,10 +598,22 @@ def dist_bwd(
 # be among the teacher's top k classes), x_ij = -(z_s,i - z_s,j)/τ:
 #   row = Σ_P softplus(x_ij) / max(|P|, 1);   L = Σ_kept row / max(K, 1)
 #   dL/dz_s,i -= w σ(x_ij)/τ,  dL/dz_s,j += w σ(x_ij)/τ  over P, w = 1/(max(|P|,1) max(K,1))
-# (σ replaced by 1 above the softplus threshold 20, as torch's softplus backward does.)
+# (in float64 σ is replaced by 1 above the softplus threshold 20, as torch's softplus
+# backward does; in float32 σ rounds to 1 there anyway.)
 # The loss is piecewise constant in the teacher: the teacher gets no gradient.
 # Tiles: [rows, i-block, C] with rows·i-block·C <= PAIR_TILE_ELEMENTS; the first classes i
 # are either a block of 0..C-1 or a block of the top-k indices (gathered).
+#
+# The pair selection is arithmetic, not a select: the float pair mask M (1 on P) becomes
+# ±inf and x' = minimum(x, ±inf) is x on P and -inf elsewhere; then
+# softplus(x') = relu(x') - log σ(|x'|) and σ(x') are exactly 0 off P. On CPU every op used
+# here is vectorised, whereas torch.where/masked_fill/softplus/fmin on a [rows, bi, C] tile
+# are element loops (about 10-40x slower). So that no difference is NaN, the student enters
+# as nan_to_num(z/τ, nan=0, posinf=0, neginf=-max): NaN or +inf student logits make the row
+# NaN through a carrier term (as NaN teacher logits do); a -inf student logit gives pair terms
+# of 0 (below the partner) or about max, and a row sum >= max is read as +inf (forward KL's
+# rule: probability 0 where the teacher ranks the class higher); two -inf student logits
+# form a pair of difference 0 (softplus = log 2), the limit of equal rates.
 # ---------------------------------------------------------------------------------------
 
 
@@ -563,19 +628,31 @@ def _grkd_tiles(n_rows: int, c: int, top_k: int | None, tile_elements: int | Non
             yield a, min(a + rows, n_rows), i0, min(i0 + bi, k)
 
 
-def _grkd_tile(zs, zt, top_idx, i0, i1, temperature):
-    """For a row chunk: the first-class ids (None = the range i0:i1), x_ij and the pair mask."""
+def _grkd_tile(zs, zt, top_idx, i0, i1, temperature, need_count: bool = False):
+    """One tile of a row chunk: ``(ii, x, count)``.
+
+    ``ii`` the first-class ids (None = the range i0:i1); ``x [rows, bi, C]`` = -(z_i - z_j)/τ
+    on the pairs t_i > t_j and -inf off them; ``count [rows]`` the number of pairs in the tile
+    (float, exact: at most PAIR_TILE_ELEMENTS per row) when ``need_count``.
+    Student logits enter as ``nan_to_num(z/τ, nan=0, posinf=0, neginf=-max)`` so that no
+    difference is NaN (the callers carry NaN/+inf rows separately and map sums >= max to inf).
+    """
+    if temperature != 1.0:  # divide the [rows, C] operands, not the [rows, bi, C] pair tile
+        zs = zs / temperature
+    big = torch.finfo(zs.dtype).max
+    zs = torch.nan_to_num(zs, nan=0.0, posinf=0.0, neginf=-big)
     if top_idx is None:
         ii = None
         si, ti = zs[:, i0:i1], zt[:, i0:i1]
     else:
         ii = top_idx[:, i0:i1]
         si, ti = zs.gather(1, ii), zt.gather(1, ii)
-    if temperature != 1.0:  # divide the [rows, C] operands, not the [rows, bi, C] pair tile
-        zs, si = zs / temperature, si / temperature
-    x = zs[:, None, :] - si[:, :, None]  # -(z_i - z_j)/τ, [rows, bi, C]
-    mask = ti[:, :, None] > zt[:, None, :]
-    return ii, x, mask
+    x = zs[:, None, :] - si[:, :, None]  # -(z_i - z_j)/τ, [rows, bi, C]: never NaN
+    pair = torch.empty_like(x)
+    torch.gt(ti[:, :, None], zt[:, None, :], out=pair)  # 1.0 on pairs (False for NaN)
+    count = pair.sum((1, 2)) if need_count else None
+    torch.minimum(x, pair.sub_(0.5).mul_(math.inf), out=x)  # x on pairs, -inf elsewhere
+    return ii, x, count
 
 
 def _grkd_top_idx(teacher: torch.Tensor, top_k: int | None):
@@ -602,12 +679,15 @@ def grkd_fwd(
     pairs = torch.zeros(n_rows, dtype=torch.int64, device=student.device)
     for a, b, i0, i1 in _grkd_tiles(n_rows, c, top_k, tile_elements):
         zs, zt = student[a:b].to(dtype), teacher[a:b].to(dtype)
-        _, x, mask = _grkd_tile(zs, zt, None if top_idx is None else top_idx[a:b], i0, i1, temperature)
-        row_sum[a:b] += torch.where(mask, F.softplus(x), 0.0).sum((1, 2))
-        pairs[a:b] += mask.sum((1, 2))
-        if i0 == 0:  # NaN carrier: a NaN/+inf teacher logit makes no pair (comparisons are False)
-            # but must still give a NaN row; amax is NaN/+inf then, and finite with -inf (masked) classes
-            row_sum[a:b] += zt.amax(1) * 0.0
+        _, x, count = _grkd_tile(zs, zt, None if top_idx is None else top_idx[a:b], i0, i1, temperature, True)
+        # softplus(x) = relu(x) - log σ(|x|): 0 at x = -inf, inf at x = +inf
+        log_sig = x.abs().sigmoid_().log_()
+        row_sum[a:b] += x.relu_().sum((1, 2)) - log_sig.sum((1, 2))
+        pairs[a:b] += count.to(torch.int64)
+        if i0 == 0:  # NaN carriers: a NaN/+inf logit makes the row NaN (-inf classes keep amax finite)
+            row_sum[a:b] += (zt.amax(1) + zs.amax(1)) * 0.0
+    # a pair term of about +max (a -inf student logit above its partner, see _grkd_tile) is +inf
+    row_sum = torch.where(row_sum >= torch.finfo(dtype).max, math.inf, row_sum)
     rows = torch.where(keep, row_sum / pairs.clamp_min(1).to(dtype), 0.0)
     return rows.sum() / keep.sum().clamp_min(1).to(dtype), pairs
 
@@ -623,27 +703,32 @@ def grkd_bwd(
     *,
     tile_elements: int | None = None,
 ):
-    """Backward of :func:`grkd_fwd` (student only)."""
+    """Backward of :func:`grkd_fwd` (student only).
+
+    Per tile only the pair sums Σ_i σ(x_ij) (for z_j) and Σ_j σ(x_ij) (for z_i) are formed;
+    the per-row weight (0 on dropped rows) is applied once to the ``[N, C]`` result.
+    """
     n_rows, c = student.shape
     dtype = compute_dtype(student, teacher)
-    keep = _keep_rows(ignore_mask, n_rows, student.device)
     top_idx = _grkd_top_idx(teacher, top_k)
-    weight = grad.to(dtype) / (keep.sum().clamp_min(1).to(dtype) * pair_count.clamp_min(1).to(dtype) * temperature)
+    weight = grad.to(dtype) / (pair_count.clamp_min(1).to(dtype) * temperature)
+    if ignore_mask is None:
+        weight = weight / max(n_rows, 1)
+    else:  # σ off the pairs is exactly 0 and always finite: zeroing the weight drops the row
+        keep = _keep_rows(ignore_mask, n_rows, student.device)
+        weight = torch.where(keep, weight / keep.sum().clamp_min(1).to(dtype), 0.0)
     gs = torch.zeros(n_rows, c, dtype=dtype, device=student.device)
     for a, b, i0, i1 in _grkd_tiles(n_rows, c, top_k, tile_elements):
         zs, zt = student[a:b].to(dtype), teacher[a:b].to(dtype)
-        ii, x, mask = _grkd_tile(zs, zt, None if top_idx is None else top_idx[a:b], i0, i1, temperature)
+        ii, x, _ = _grkd_tile(zs, zt, None if top_idx is None else top_idx[a:b], i0, i1, temperature)
         if dtype == torch.float64:  # softplus is the identity above the threshold
             dsp = torch.where(x > _SOFTPLUS_THRESHOLD, 1.0, x.sigmoid())
         else:  # fp32: sigmoid(x) rounds to exactly 1 for x > 20 (1 - 2e-9), no select needed
             dsp = x.sigmoid_()
-        if ignore_mask is not None:  # dropped rows are selected out (NaN there must not leak)
-            mask &= keep[a:b, None, None]
-        # dL/dz_j per pair (dL/dz_i = -pg)
-        pg = torch.where(mask, dsp.mul_(weight[a:b, None, None]), 0.0)
-        gs[a:b] += pg.sum(1)
+        # dL/dz_j per pair (dL/dz_i = -pg), before the row weight
+        gs[a:b] += dsp.sum(1)
         if ii is None:
-            gs[a:b, i0:i1] -= pg.sum(2)
+            gs[a:b, i0:i1] -= dsp.sum(2)
         else:
-            gs[a:b].scatter_add_(1, ii, -pg.sum(2))
-    return gs.to(student.dtype)
+            gs[a:b].scatter_add_(1, ii, -dsp.sum(2))
+    return gs.mul_(weight[:, None]).to(student.dtype)

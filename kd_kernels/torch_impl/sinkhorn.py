@@ -72,6 +72,8 @@ def _softmax_rows(logits: torch.Tensor, temperature: float, dtype: torch.dtype) 
 
 def _l1_cdist(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """D_ij = sum_c |p_ic - q_jc| without a [B, B, C] buffer."""
+    if p.device.type == "cpu":  # ATen's CPU L1 cdist: one vectorised pass per pair, no [B, B, C] buffer
+        return torch.ops.aten._cdist_forward(p, q, 1.0, None)
     out = p.new_zeros(p.shape[0], q.shape[0])
     for rows, cls in _tiles(p.shape[0], q.shape[0], p.shape[1]):
         out[rows] += (p[rows, None, cls] - q[None, :, cls]).abs_().sum(-1)
@@ -112,14 +114,15 @@ def sinkhorn_loss_fwd(
     p = _softmax_rows(student, temperature, dt)
     q = _softmax_rows(teacher, temperature, dt)
     cost = _l1_cdist(p, q)
-    kernel = torch.exp(-cost / epsilon)
+    kernel = torch.exp(cost / -epsilon)
     nb = cost.shape[0]
     u = cost.new_ones(n_iters + 1, nb)
     v = cost.new_ones(n_iters + 1, nb)
+    us, vs, kt = u.unbind(0), v.unbind(0), kernel.T  # views, taken once: two small ops per half-step
     for it in range(1, n_iters + 1):
-        u[it] = torch.reciprocal(kernel @ v[it - 1])
-        v[it] = torch.reciprocal(kernel.T @ u[it])
-    loss = u[n_iters] @ (kernel * cost) @ v[n_iters]
+        torch.mv(kernel, vs[it - 1], out=us[it]).reciprocal_()
+        torch.mv(kt, us[it], out=vs[it]).reciprocal_()
+    loss = torch.dot(torch.mv(kernel * cost, vs[n_iters]), us[n_iters])
     return loss.to(student.dtype), cost, u, v
 
 
@@ -138,24 +141,27 @@ def sinkhorn_loss_bwd(
     """SinKD backward: (grad_student | None, grad_teacher | None) in the inputs' dtypes."""
     dt = cost.dtype
     g = grad.to(dt)
-    kernel = torch.exp(-cost / epsilon)
+    kernel = torch.exp(cost / -epsilon)
     n_iters = u.shape[0] - 1
-    g_cost = g * (u[n_iters, :, None] * kernel * v[n_iters, None, :])  # direct term g P
-    g_plan = g * cost  # dL/dX_L
-    ones = u.new_ones(cost.shape[0])
+    uv = torch.outer(u[n_iters], v[n_iters]).mul_(g)
+    g_cost = uv * kernel  # direct term g P
     # With M = G o K, X = diag(u_l) K diag(v_l), Y = diag(u_l) K diag(v_{l-1}), r = u_l / u_{l-1},
     # c = v_l / v_{l-1}:  s = v_l o (M^T u_l),  t = u_l o (M v_l - K (s o v_l)),
     #   G <- diag(r) (G diag(c) - 1 (s o c)^T - t 1^T)
-    # (the two steps above, with X and Y never formed: one B x B product, three passes over G).
+    # (the two steps above, with X and Y never formed). Carried as H_l = diag(u_l) G_l diag(v_l)
+    # (H o K = G o X_l: plan-scaled, finite wherever K is), the step needs no rescaling of G:
+    #   N = H o K,  s = N^T 1,  w = s o v_l,  z = u_l o t = u_l o (N 1 - u_l o (K w)),
+    #   H <- H - u_l w^T - z v_{l-1}^T        (u_0 = v_0 = 1, so H_0 = G_0)
+    # ten small ops per iteration (three B x B passes, one matrix-vector product, one rank-2 update).
+    h = uv.mul_(cost)  # H_L = diag(u_L) (g D) diag(v_L)
+    us, vs = u.unbind(0), v.unbind(0)
     for it in range(n_iters, 0, -1):
-        ui, vi = u[it], v[it]
-        m = g_plan * kernel
-        s = vi * (m.T @ ui)
-        t = ui * (m @ vi - kernel @ (s * vi))
-        c = vi / v[it - 1]
-        g_plan.mul_(c[None, :]).addmm_(torch.stack((ones, t), 1), torch.stack((s * c, ones), 0), alpha=-1)
-        g_plan.mul_((ui / u[it - 1])[:, None])
-    g_cost -= g_plan.mul_(kernel).div_(epsilon)
+        ui, vi = us[it], vs[it]
+        nk = h * kernel
+        w = nk.sum(0).mul_(vi)
+        z = torch.addcmul(nk.sum(1), ui, torch.mv(kernel, w), value=-1).mul_(ui)
+        h.addr_(ui, w, alpha=-1).addr_(z, vs[it - 1], alpha=-1)
+    g_cost -= h.mul_(kernel).div_(epsilon)
     p = _softmax_rows(student, temperature, dt)
     q = _softmax_rows(teacher, temperature, dt)
     gp, gq = _l1_cdist_bwd(g_cost, p, q, need_student, need_teacher)
