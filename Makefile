@@ -44,7 +44,9 @@ test: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
+# POT (Python Optimal Transport): a benchmark-only comparison (bench_sinkhorn*.py), not a dependency.
 bench: install
+	$(BIN)/pip install --quiet pot
 	$(BIN)/python -m pytest benchmarks --benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
 
 lint: install

@@ -375,8 +375,9 @@ Scalars scalars(double temperature, double beta) {
   return Scalars{static_cast<float>(1.0 / temperature), temperature, std::log(beta), std::log1p(-beta), beta};
 }
 
-// Rows per parallel task: ~64K elements (tens of microseconds), so small batches run on one thread.
-int64_t grain(int64_t c) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(c, 1)); }
+// Rows per parallel task: ~16K elements (~10 us of work, well above the cost of waking a thread),
+// so a 256 x 100 batch already runs on two threads and tiny ones on one.
+int64_t grain(int64_t c) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1)); }
 
 }  // namespace
 
