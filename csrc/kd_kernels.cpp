@@ -101,6 +101,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- The divergence group on the CPU (csrc/cpu/logit.cpp) --------------------------------
   ::kd_kernels::bind_kernel(m, "divergence_cpu_supported", &divergence_cpu_supported,
        "True when this CPU runs the AVX2 + FMA loops of divergence_fwd_cpu / divergence_bwd_cpu");
+  ::kd_kernels::bind_kernel(m, "divergence_cpu_isa", &divergence_cpu_isa,
+       "the row loops in use: 'avx512', 'avx2' (KD_KERNELS_CPU_ISA=avx2 forces them) or 'none'");
   ::kd_kernels::bind_kernel(m, "divergence_fwd_cpu", &divergence_fwd_cpu,
        "(row_loss, lse_s, lse_t) [N] float32 of CPU float32 logits [N, C] for kind 'kd' | 'forward_kl' | "
        "'reverse_kl' | 'jsd' | 'tvd'; keep [N] bool (False: row loss 0)",

@@ -36,6 +36,7 @@ EXT_FUNCTIONS = (
     "divergence_fwd_cuda",
     "divergence_bwd_cuda",
     "divergence_cpu_supported",
+    "divergence_cpu_isa",
     "divergence_fwd_cpu",
     "divergence_bwd_cpu",
     "rkd_distance_fwd_cuda",

@@ -177,3 +177,41 @@ def test_kernel_checks_its_arguments():
         ext.divergence_fwd_cpu("kd", s, s, keep[:2], 1.0, 0.0)
     with pytest.raises(RuntimeError, match="temperature must be > 0"):
         ext.divergence_fwd_cpu("kd", s, s, keep, 0.0, 0.0)
+
+
+def test_avx2_and_avx512_loops_agree(tmp_path):
+    """Both instruction-set builds of the row loops (csrc/cpu/logit_rows.h) give the same values to
+    float32 rounding: the AVX2 loops forced with KD_KERNELS_CPU_ISA=avx2 in a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    ext = _ext()
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from kd_kernels import _backend\n"
+        "ext = _backend.load_extension()\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "s, t = torch.randn(37, 1001, generator=g) * 2, torch.randn(37, 1001, generator=g) * 2\n"
+        "keep = torch.ones(37, dtype=torch.bool)\n"
+        "out = {'isa': ext.divergence_cpu_isa()}\n"
+        "for kind in ('kd', 'reverse_kl', 'jsd', 'tvd'):\n"
+        "    rows, ls, lt = ext.divergence_fwd_cpu(kind, s, t, keep, 1.5, 0.3)\n"
+        "    out[kind] = (rows, ext.divergence_bwd_cpu(kind, torch.ones(37), s, t, ls, lt, keep, 1.5, 0.3))\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    results = {}
+    for isa in ("default", "avx2"):
+        env = dict(os.environ)
+        env.pop("KD_KERNELS_CPU_ISA", None)
+        if isa == "avx2":
+            env["KD_KERNELS_CPU_ISA"] = "avx2"
+        out = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, str(script), str(out)], check=True, env=env)
+        results[isa] = torch.load(out)
+    assert results["avx2"]["isa"] == "avx2"
+    assert results["default"]["isa"] == ext.divergence_cpu_isa()
+    for kind in ("kd", "reverse_kl", "jsd", "tvd"):
+        for a, b in zip(results["default"][kind], results["avx2"][kind], strict=True):
+            assert_close(a, b, rtol=1e-5, atol=1e-7, name=f"{kind} avx2 vs {results['default']['isa']}")

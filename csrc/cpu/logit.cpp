@@ -27,15 +27,16 @@
 // Dropped rows (keep[r] == 0) get loss 0 and gradient 0 even when they hold NaN/inf.
 //
 // exp and log: own polynomial versions (below) that the compiler vectorises inside
-// `#pragma omp simd` loops (std::exp calls do not vectorise without -ffast-math); relative error
+// `#pragma omp simd` loops (logit_rows.h; std::exp calls do not vectorise without -ffast-math); relative error
 // ~2 ulp in float32, special values as std::exp/std::log (NaN, +-inf, 0; exp flushes results
-// below 1.2e-38 to 0). The hot row functions are compiled for AVX2 + FMA (see the region below).
+// below 1.2e-38 to 0). The row loops are compiled for AVX2 + FMA and for AVX-512 (below).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -47,281 +48,42 @@
 namespace kd_kernels {
 namespace {
 
-// The row functions below (up to pop_options) are compiled for AVX2 + FMA with IEEE semantics
-// kept except that comparisons may be speculated (no-trapping-math: the clamps and selects
-// if-convert, so the loops vectorise; no FP exception flags are read anywhere). They include no
-// library headers' inline functions. The entry points check the CPU at run time
-// (divergence_cpu_supported) and the Python route uses them only where it says yes.
+// Row loops, compiled twice (csrc/cpu/logit_rows.h): for AVX2 + FMA and for AVX-512 (512-bit
+// vectors, 1.5x the AVX2 throughput of the exp loops on Zen 4). The entry points pick the widest
+// one the CPU has at run time (divergence_cpu_supported: at least AVX2 + FMA). The two differ only
+// in the order of the float additions (lane counts).
+constexpr int kModeReverseKl = 0, kModeJsd = 1, kModeTvd = 2;     // centred gradients
+constexpr int kRowKl = 0, kRowReverseKl = 1, kRowJsd = 2, kRowTvd = 3;  // forward rows
+
+using ForwardRow = void (*)(const float*, const float*, int64_t, float, double, float, float, float, float*, float*,
+                            double&, double&, double&);
+using CentredRow = void (*)(const float*, const float*, int64_t, float, float, float, float, float, float, float,
+                            float*, float*);
+using KlGradRow = void (*)(const float*, const float*, int64_t, float, float, float, float, float*);
+struct RowKernels {
+  ForwardRow forward[4];   // by kRow*
+  CentredRow centred[3];   // by kMode*
+  KlGradRow kl_grad;
+};
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #define KD_CPU_SIMD_REGION 1
+namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #pragma GCC optimize("no-trapping-math")
-#endif
-
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-inline float bits_to_float(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof f);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof b);
-  return b;
-}
-
-// exp(x) for float: x = n ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln2, the high part exact in
-// n * ln2_hi), exp(r) by its degree-7 Taylor polynomial (truncation < 6e-9 relative), 2^n from
-// exponent bits. Rounding to nearest by the 1.5 * 2^23 trick (vectorises; std::nearbyint does not
-// on the baseline ISA). Every argument in this file is <= 0 up to rounding (u - max, u - lse); the
-// range kept is [-87.3, 88.3]: below, the result is flushed to 0 (std::exp would return a
-// denormal < 1.2e-38), above, +inf; NaN stays NaN.
-inline float fast_exp(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23
-  const float n = (xc * 1.44269504088896341f + shifter) - shifter;  // in [-126, 127]
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  float y = p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  y = x < -87.3f ? 0.0f : y;
-  y = x > 88.3f ? kInf : y;
-  return x != x ? x : y;
-}
-
-// log(x) for float x > 0 (log(0) = -inf, negative or NaN -> NaN, +inf -> +inf): x = 2^k m with
-// m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m-1)/(m+1), |s| <= 0.172, odd series to s^9
-// (rel. error ~1e-7 after rounding). Inputs below the smallest normal are treated as 0 (-inf).
-inline float fast_log(float x) {
-  const uint32_t bits = float_to_bits(x);
-  int32_t k = static_cast<int32_t>((bits >> 23) & 0xff) - 127;
-  float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  k = big ? k + 1 : k;
-  const float s = (m - 1.0f) / (m + 1.0f);
-  const float s2 = s * s;
-  float p = 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  // k ln2 with ln2 split (k * ln2_hi exact) so the sum keeps the small log m accurately
-  float y = static_cast<float>(k) * 0.693359375f + (2.0f * s * p + static_cast<float>(k) * -2.12194440e-4f);
-  y = x < 1.17549435e-38f ? -kInf : y;
-  y = x == kInf ? kInf : y;
-  return (x < 0.0f || x != x) ? std::numeric_limits<float>::quiet_NaN() : y;
-}
-
-// log M of the JSD mixture M = b p + (1 - b) q from p, q and their logs: the log of the sum, floored
-// by the log of either term (exact where the sum underflows, within float rounding elsewhere).
-inline float log_mixture(float p, float q, float lt, float ls, float beta, float log_b, float log_1mb) {
-  const float lm = fast_log(beta * p + (1.0f - beta) * q);
-  const float a = lt + log_b, b = ls + log_1mb;
-  const float floor = a > b ? a : b;
-  return (lm > floor ? lm : floor) + 0.0f * (p + q);  // 0 * NaN: a NaN p or q stays NaN
-}
-
-// Row maxima of u = z / T (pass 1); NaN anywhere in a row makes its maximum NaN.
-void row_max(const float* s, const float* t, int64_t c, float inv_t, float& ms, float& mt) {
-  float a = -kInf, b = -kInf;
-  int nan_s = 0, nan_t = 0;
-#pragma omp simd reduction(max : a, b) reduction(+ : nan_s, nan_t)
-  for (int64_t j = 0; j < c; ++j) {
-    const float us = s[j] * inv_t, ut = t[j] * inv_t;
-    a = us > a ? us : a;
-    b = ut > b ? ut : b;
-    nan_s += us != us;
-    nan_t += ut != ut;
-  }
-  ms = nan_s ? std::numeric_limits<float>::quiet_NaN() : a;
-  mt = nan_t ? std::numeric_limits<float>::quiet_NaN() : b;
-}
-
-// Sums run in float over blocks of kBlock classes (8 SIMD lanes: 32 terms per lane, relative
-// error < 2e-6 worst case) and the block sums in double: 1.5x faster than double lanes.
-constexpr int64_t kBlock = 256;
-
-// Accumulator of pass 2 (template argument: no branch inside a vectorised loop).
-constexpr int kAccNone = 0, kAccForward = 1, kAccReverse = 2;
-
-// Pass 2: S_s, S_t and the KL accumulator A (kAccForward: sum e_t (v_t - v_s), kAccReverse:
-// sum e_s (v_s - v_t), v = u - max; 0 where the weight is 0: a -inf logit). Shifted by the maxima,
-// a row identical up to a constant gives exactly 0 (C = 1 included). With STORE the
-// exponentials go to es / et (pass 3 of jsd and tvd reads them instead of recomputing).
-template <int ACC, bool STORE>
-void row_sums(const float* s, const float* t, int64_t c, float inv_t, float ms, float mt, double& ss_out,
-              double& st_out, double& a_out, float* es_buf, float* et_buf) {
-  double ss = 0.0, st = 0.0, acc = 0.0;
-  for (int64_t j0 = 0; j0 < c; j0 += kBlock) {
-    const int64_t j1 = j0 + kBlock < c ? j0 + kBlock : c;
-    float bs = 0.0f, bt = 0.0f, ba = 0.0f;
-#pragma omp simd reduction(+ : bs, bt, ba)
-    for (int64_t j = j0; j < j1; ++j) {
-      const float vs = s[j] * inv_t - ms, vt = t[j] * inv_t - mt;
-      const float es = fast_exp(vs), et = fast_exp(vt);
-      bs += es;
-      bt += et;
-      if constexpr (ACC == kAccForward) {
-        ba += et == 0.0f ? 0.0f : et * (vt - vs);
-      } else if constexpr (ACC == kAccReverse) {
-        ba += es == 0.0f ? 0.0f : es * (vs - vt);
-      }
-      if constexpr (STORE) {
-        es_buf[j] = es;
-        et_buf[j] = et;
-      }
-    }
-    ss += bs;
-    st += bt;
-    acc += ba;
-  }
-  ss_out = ss;
-  st_out = st;
-  a_out = acc;
-}
-
-// Modes of the jsd / tvd / reverse_kl loops.
-constexpr int kModeReverseKl = 0, kModeJsd = 1, kModeTvd = 2;
-
-// Pass 3 of jsd / tvd: the row value from the stored exponentials (q = e_s / S_s, p = e_t / S_t).
-template <int MODE>
-double row_value(const float* s, const float* t, const float* es, const float* et, int64_t c, float inv_t,
-                 float inv_ss, float inv_st, float lse_s, float lse_t, float beta, float log_b, float log_1mb) {
-  double acc = 0.0;
-  for (int64_t j0 = 0; j0 < c; j0 += kBlock) {
-    const int64_t j1 = j0 + kBlock < c ? j0 + kBlock : c;
-    float ba = 0.0f;
-#pragma omp simd reduction(+ : ba)
-    for (int64_t j = j0; j < j1; ++j) {
-      const float q = es[j] * inv_ss, p = et[j] * inv_st;
-      if constexpr (MODE == kModeTvd) {
-        const float d = p - q;
-        ba += 0.5f * (d < 0.0f ? -d : d);
-      } else {
-        const float ls = s[j] * inv_t - lse_s, lt = t[j] * inv_t - lse_t;
-        const float lm = log_mixture(p, q, lt, ls, beta, log_b, log_1mb);
-        const float tp = p == 0.0f ? 0.0f : p * (lt - lm);
-        const float tq = q == 0.0f ? 0.0f : q * (ls - lm);
-        ba += beta * tp + (1.0f - beta) * tq;
-      }
-    }
-    acc += ba;
-  }
-  return acc;
-}
-
-// Student gradient of kd / forward_kl: out = w (q - p).
-void grad_kl(const float* s, const float* t, int64_t c, float inv_t, float lse_s, float lse_t, float w, float* out) {
-#pragma omp simd
-  for (int64_t j = 0; j < c; ++j) {
-    out[j] = w * (fast_exp(s[j] * inv_t - lse_s) - fast_exp(t[j] * inv_t - lse_t));
-  }
-}
-
-// Pass A of the centred gradients (reverse_kl, jsd, tvd): out = q d (0 where q = 0), q_buf = q;
-// returns <q, d>. d = l_s - l_t (reverse_kl), l_s - log M (jsd), sign(q - p) / 2 (tvd, NaN kept).
-template <int MODE>
-double grad_pass_a(const float* s, const float* t, int64_t c, float inv_t, float lse_s, float lse_t, float beta,
-                   float log_b, float log_1mb, float* out, float* q_buf) {
-  double acc = 0.0;
-  for (int64_t j0 = 0; j0 < c; j0 += kBlock) {
-    const int64_t j1 = j0 + kBlock < c ? j0 + kBlock : c;
-    float ba = 0.0f;
-#pragma omp simd reduction(+ : ba)
-    for (int64_t j = j0; j < j1; ++j) {
-      const float ls = s[j] * inv_t - lse_s, lt = t[j] * inv_t - lse_t;
-      const float q = fast_exp(ls), p = fast_exp(lt);
-      float d;
-      if constexpr (MODE == kModeReverseKl) {
-        d = ls - lt;
-      } else if constexpr (MODE == kModeJsd) {
-        d = ls - log_mixture(p, q, lt, ls, beta, log_b, log_1mb);
-      } else {
-        const float g = q > p ? 0.5f : (q < p ? -0.5f : 0.0f);
-        d = (q == q && p == p) ? g : q + p;
-      }
-      const float qd = q == 0.0f ? 0.0f : q * d;
-      out[j] = qd;
-      q_buf[j] = q;
-      ba += qd;
-    }
-    acc += ba;
-  }
-  return acc;
-}
-
-// Pass B: out = w (q d - q <q, d>).
-void grad_pass_b(int64_t c, float mean, float w, const float* q_buf, float* out) {
-#pragma omp simd
-  for (int64_t j = 0; j < c; ++j) {
-    out[j] = w * (out[j] - q_buf[j] * mean);
-  }
-}
-
-// One forward row: lse_s, lse_t and the row value. KIND: kRowKl (kd with t2 = T^2, forward_kl with
-// t2 = 1), kRowReverseKl, kRowJsd, kRowTvd; es / et: scratch rows of C floats (jsd, tvd).
-constexpr int kRowKl = 0, kRowReverseKl = 1, kRowJsd = 2, kRowTvd = 3;
-
-template <int KIND>
-void forward_row(const float* sr, const float* tr, int64_t c, float inv_t, double t2, float beta, float log_b,
-                 float log_1mb, float* es, float* et, double& ls, double& lt, double& value) {
-  constexpr bool kPass3 = KIND == kRowJsd || KIND == kRowTvd;
-  constexpr int kAcc = KIND == kRowKl ? kAccForward : (KIND == kRowReverseKl ? kAccReverse : kAccNone);
-  float ms, mt;
-  row_max(sr, tr, c, inv_t, ms, mt);
-  double ss, st, acc;
-  row_sums<kAcc, kPass3>(sr, tr, c, inv_t, ms, mt, ss, st, acc, es, et);
-  const double log_ss = std::log(ss), log_st = std::log(st);
-  ls = static_cast<double>(ms) + log_ss;
-  lt = static_cast<double>(mt) + log_st;
-  if constexpr (kAcc == kAccForward) {
-    value = (acc / st - log_st + log_ss) * t2;
-  } else if constexpr (kAcc == kAccReverse) {
-    value = acc / ss - log_ss + log_st;
-  } else {
-    constexpr int kMode = KIND == kRowTvd ? kModeTvd : kModeJsd;
-    value = row_value<kMode>(sr, tr, es, et, c, inv_t, static_cast<float>(1.0 / ss), static_cast<float>(1.0 / st),
-                             static_cast<float>(ls), static_cast<float>(lt), beta, log_b, log_1mb);
-  }
-}
-
-template void forward_row<kRowKl>(const float*, const float*, int64_t, float, double, float, float, float, float*,
-                                  float*, double&, double&, double&);
-template void forward_row<kRowReverseKl>(const float*, const float*, int64_t, float, double, float, float, float,
-                                         float*, float*, double&, double&, double&);
-template void forward_row<kRowJsd>(const float*, const float*, int64_t, float, double, float, float, float, float*,
-                                   float*, double&, double&, double&);
-template void forward_row<kRowTvd>(const float*, const float*, int64_t, float, double, float, float, float, float*,
-                                   float*, double&, double&, double&);
-
-// One centred gradient row (reverse_kl, jsd, tvd).
-template <int MODE>
-void grad_row_centred(const float* s, const float* t, int64_t c, float inv_t, float lse_s, float lse_t, float beta,
-                      float log_b, float log_1mb, float w, float* q_buf, float* out) {
-  const float mean = static_cast<float>(grad_pass_a<MODE>(s, t, c, inv_t, lse_s, lse_t, beta, log_b, log_1mb, out, q_buf));
-  grad_pass_b(c, mean, w, q_buf, out);
-}
-
-template void grad_row_centred<kModeReverseKl>(const float*, const float*, int64_t, float, float, float, float, float,
-                                               float, float, float*, float*);
-template void grad_row_centred<kModeJsd>(const float*, const float*, int64_t, float, float, float, float, float, float,
-                                         float, float*, float*);
-template void grad_row_centred<kModeTvd>(const float*, const float*, int64_t, float, float, float, float, float, float,
-                                         float, float*, float*);
-
-#ifdef KD_CPU_SIMD_REGION
+#include "logit_rows.h"
 #pragma GCC pop_options
+}  // namespace avx2
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma,prefer-vector-width=512")
+#pragma GCC optimize("no-trapping-math")
+#include "logit_rows.h"
+#pragma GCC pop_options
+}  // namespace avx512
 #endif
+
 
 enum class Kind { kKd, kForwardKl, kReverseKl, kJsd, kTvd };
 
@@ -349,6 +111,32 @@ bool cpu_supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
+#endif
+}
+
+// The row loops in use: "avx512" where the CPU has AVX-512 (F, DQ, BW, VL), else "avx2";
+// KD_KERNELS_CPU_ISA=avx2 in the environment (read once) forces the AVX2 loops (tests use it to
+// cover both on one machine).
+bool use_avx512() {
+#ifdef KD_CPU_SIMD_REGION
+  static const bool yes = [] {
+    const char* forced = std::getenv("KD_KERNELS_CPU_ISA");
+    if (forced != nullptr && std::string(forced) == "avx2") return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// The row loops this CPU runs (call only when cpu_supported()).
+const RowKernels& rows() {
+#ifdef KD_CPU_SIMD_REGION
+  return use_avx512() ? avx512::row_kernels() : avx2::row_kernels();
+#else
+  TORCH_CHECK(false, "divergence_cpu: built without the x86-64 row loops");
 #endif
 }
 
@@ -383,6 +171,8 @@ int64_t grain(int64_t c) { return std::max<int64_t>(1, 16384 / std::max<int64_t>
 
 bool divergence_cpu_supported() { return cpu_supported(); }
 
+std::string divergence_cpu_isa() { return !cpu_supported() ? "none" : (use_avx512() ? "avx512" : "avx2"); }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(const std::string& kind, const at::Tensor& student,
                                                                   const at::Tensor& teacher, const at::Tensor& keep,
                                                                   double temperature, double beta) {
@@ -404,10 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(const std::str
   float* rp = row.data_ptr<float>();
   float* lsp = lse_s.data_ptr<float>();
   float* ltp = lse_t.data_ptr<float>();
-  const auto row_fn = (k == Kind::kKd || k == Kind::kForwardKl) ? forward_row<kRowKl>
-                      : k == Kind::kReverseKl                     ? forward_row<kRowReverseKl>
-                      : k == Kind::kJsd                           ? forward_row<kRowJsd>
-                                                                  : forward_row<kRowTvd>;
+  const int row_kind = (k == Kind::kKd || k == Kind::kForwardKl) ? kRowKl
+                       : k == Kind::kReverseKl                     ? kRowReverseKl
+                       : k == Kind::kJsd                           ? kRowJsd
+                                                                   : kRowTvd;
+  const ForwardRow row_fn = rows().forward[row_kind];
   const double t2 = k == Kind::kKd ? sc.t * sc.t : 1.0;
   const bool scratch = k == Kind::kJsd || k == Kind::kTvd;
   at::parallel_for(0, n, grain(c), [&](int64_t begin, int64_t end) {
@@ -453,9 +244,9 @@ at::Tensor divergence_bwd_cpu(const std::string& kind, const at::Tensor& grad_ro
   float* op = out.data_ptr<float>();
   const float log_b = static_cast<float>(sc.log_b), log_1mb = static_cast<float>(sc.log_1mb);
   const bool centred = !(k == Kind::kKd || k == Kind::kForwardKl);
-  const auto centred_fn = k == Kind::kReverseKl ? grad_row_centred<kModeReverseKl>
-                          : k == Kind::kJsd     ? grad_row_centred<kModeJsd>
-                                                : grad_row_centred<kModeTvd>;
+  const CentredRow centred_fn =
+      rows().centred[k == Kind::kReverseKl ? kModeReverseKl : (k == Kind::kJsd ? kModeJsd : kModeTvd)];
+  const KlGradRow kl_fn = rows().kl_grad;
   const float scale = k == Kind::kKd           ? static_cast<float>(sc.t)
                       : k == Kind::kJsd        ? static_cast<float>((1.0 - sc.beta) / sc.t)
                                                : sc.inv_t;
@@ -472,7 +263,7 @@ at::Tensor divergence_bwd_cpu(const std::string& kind, const at::Tensor& grad_ro
       if (centred) {
         centred_fn(sp + r * c, tp + r * c, c, sc.inv_t, ap[r], bp[r], beta_f, log_b, log_1mb, w, q_buf.data(), orow);
       } else {
-        grad_kl(sp + r * c, tp + r * c, c, sc.inv_t, ap[r], bp[r], w, orow);
+        kl_fn(sp + r * c, tp + r * c, c, sc.inv_t, ap[r], bp[r], w, orow);
       }
     }
   });

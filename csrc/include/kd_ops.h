@@ -69,6 +69,8 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_bwd_cuda(const at::Tensor& grad, co
 // outputs (kd includes T^2); the backward returns grad_student [N, C] float32 (teacher: PyTorch path).
 // The loops are compiled for AVX2 + FMA: divergence_cpu_supported() says whether this CPU runs them.
 bool divergence_cpu_supported();
+// The loops in use: "avx512", "avx2" (KD_KERNELS_CPU_ISA=avx2 forces them) or "none".
+std::string divergence_cpu_isa();
 std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(const std::string& kind, const at::Tensor& student,
                                                                   const at::Tensor& teacher, const at::Tensor& keep,
                                                                   double temperature, double beta);
