@@ -63,7 +63,10 @@ FROB, ROW, NONE = _torch.FROB, _torch.ROW, _torch.NONE
 # operands (3xTF32 splits in registers) into a 64 x 64 accumulator; BLOCK_K = 32 with 4 warps
 # spilled on sm_80, BLOCK_K = 16 with 8 warps ("f32_warps") does not. The products kernel with
 # 'row' scaling also has fp32 operands (the scaled rows): BLOCK_N = 32 spilled 36-60 B on sm_80
-# (bf16 input, 4 or 8 warps), so it steps BLOCK_N_ROW = 16 rows. maxnreg=255 as the logit kernels (ptxas's occupancy
+# (bf16 input, 4 or 8 warps), so it steps BLOCK_N_ROW = 16 rows; so does fp32 input with 3xTF32
+# (three dots per step: BLOCK_N = 32 spilled 168-204 B on sm_80, odd shapes, with 4 warps, 32-36 B
+# with 8).
+# maxnreg=255 as the logit kernels (ptxas's occupancy
 # heuristic otherwise caps registers and spills).
 GEOMETRY_CONFIGS = {
     "gpu": {
@@ -409,12 +412,14 @@ def _products(x, y, w, rinv_x, rinv_y, shift=None):
     rows = _split(n, tiles, bsz, cfg)
     grid = (tiles, triton.cdiv(n, rows), bsz)
     row = rinv_x is not None
+    prec = dot_precision()
     _dd_products_kernel[grid](
         x, y, cnt if w is None else w, rinv_x if row else cnt, rinv_y if row else cnt,
         mxx, mxy, myy, csx, csy, cnt if shift is None else shift[0], cnt if shift is None else shift[1], cnt,
         n, ds, dt, x.stride(0), x.stride(1), y.stride(0), y.stride(1), rows,
-        HAS_MASK=w is not None, ROW_SCALE=row, SHIFT=shift is not None, BLOCK_D=bd, BLOCK_N=cfg["BLOCK_N_ROW" if row else "BLOCK_N"],
-        PREC=dot_precision(), **_launch_opts(cfg),
+        HAS_MASK=w is not None, ROW_SCALE=row, SHIFT=shift is not None, BLOCK_D=bd,
+        BLOCK_N=cfg["BLOCK_N_ROW" if row or (x.dtype == torch.float32 and prec == "tf32x3") else "BLOCK_N"],
+        PREC=prec, **_launch_opts(cfg),
     )  # fmt: skip
     return mxx, mxy, myy, csx, csy, cnt
 
