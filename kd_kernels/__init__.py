@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 from kd_kernels._backend import available_backends, build_info
 from kd_kernels.functional import *
 from kd_kernels.functional import __all__ as _functional_all
+from kd_kernels.losses.logit import TopKTeacher
 from kd_kernels.nn import *
 from kd_kernels.nn import __all__ as _nn_all
 
-__all__ = ["__version__", "build_info", "available_backends"] + list(_functional_all) + list(_nn_all)
+__all__ = ["__version__", "build_info", "available_backends", "TopKTeacher"] + list(_functional_all) + list(_nn_all)

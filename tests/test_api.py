@@ -18,6 +18,7 @@ from kd_kernels.testing import assert_close
 # Per-batch tensors that the contract lists beside the table (geometry `mask`, logit
 # `ignore_mask`) are keyword arguments of the function and forward() arguments of the module.
 LOGIT = ("student_logits", "teacher_logits")
+FUSED = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
 API = {
     "rkd_distance_loss": ("RKDDistanceLoss", ("student", "teacher"), {"reduction": "mean", "backend": "auto"}),
     "rkd_angle_loss": ("RKDAngleLoss", ("student", "teacher"), {"reduction": "mean", "backend": "auto"}),
@@ -62,8 +63,33 @@ API = {
         {"temperature": 1.0, "inter_weight": 1.0, "intra_weight": 1.0, "ignore_mask": None, "backend": "auto"},
     ),
     "grkd_loss": ("GRKDLoss", LOGIT, {"temperature": 1.0, "top_k": None, "ignore_mask": None, "backend": "auto"}),
+    "fused_linear_kd_loss": (
+        "FusedLinearKDLoss",
+        FUSED,
+        {
+            "student_bias": None,
+            "teacher_bias": None,
+            "temperature": 4.0,
+            "reduction": "batchmean",
+            "ignore_mask": None,
+            "backend": "auto",
+        },
+    ),
+    "fused_linear_jsd_loss": (
+        "FusedLinearJSDLoss",
+        FUSED,
+        {
+            "student_bias": None,
+            "teacher_bias": None,
+            "beta": 0.5,
+            "temperature": 1.0,
+            "reduction": "batchmean",
+            "ignore_mask": None,
+            "backend": "auto",
+        },
+    ),
 }
-PER_BATCH = ("mask", "ignore_mask")
+PER_BATCH = ("mask", "ignore_mask", "student_bias", "teacher_bias")
 
 
 def sample_inputs(name: str, dtype=torch.float32):
@@ -74,6 +100,8 @@ def sample_inputs(name: str, dtype=torch.float32):
         return torch.randn(9, 4, dtype=dtype), torch.randn(9, 6, dtype=dtype)
     if name == "sinkhorn":
         return (torch.rand(2, 5, 4, dtype=dtype),)
+    if name.startswith("fused_linear"):  # hidden [N, Hs], head [V, Hs], hidden [N, Ht], head [V, Ht]
+        return tuple(torch.randn(*shape, dtype=dtype) for shape in ((6, 5), (11, 5), (6, 7), (11, 7)))
     return torch.randn(6, 11, dtype=dtype), torch.randn(6, 11, dtype=dtype)
 
 
@@ -106,7 +134,7 @@ def test_signature_matches_contract(fn_name):
 
 @pytest.mark.parametrize("fn_name", sorted(n for n, v in API.items() if v[0] is not None))
 def test_module_defaults_match_function(fn_name):
-    mod_name, _, kwdefaults = API[fn_name]
+    mod_name, positional, kwdefaults = API[fn_name]
     cls = getattr(KN, mod_name)
     ctor = {
         p.name: p.default
@@ -117,18 +145,19 @@ def test_module_defaults_match_function(fn_name):
     assert ctor == expected, f"{mod_name}.__init__ defaults {ctor} != {fn_name} defaults {expected}"
     fwd = [p.name for p in inspect.signature(cls.forward).parameters.values() if p.name != "self"]
     per_batch = [k for k in kwdefaults if k in PER_BATCH]
-    assert len(fwd) >= 2, f"{mod_name}.forward must take (student, teacher), has {fwd}"
-    assert fwd[2:] == per_batch, f"{mod_name}.forward extra args {fwd[2:]} != {per_batch}"
+    assert len(fwd) >= len(positional), f"{mod_name}.forward must take {positional}, has {fwd}"
+    extra = fwd[len(positional) :]
+    assert extra == per_batch, f"{mod_name}.forward extra args {extra} != {per_batch}"
 
 
 @pytest.mark.parametrize("fn_name", sorted(n for n, v in API.items() if v[0] is not None))
 def test_module_equals_function(fn_name):
     mod_name, _, kwdefaults = API[fn_name]
-    s, t = sample_inputs(fn_name, torch.float64)
+    inputs = sample_inputs(fn_name, torch.float64)
     # non-default keyword values where a float one exists, so the module must forward them
     kwargs = {k: v * 0.75 for k, v in kwdefaults.items() if isinstance(v, float)}
-    f = getattr(KF, fn_name)(s, t, **kwargs)
-    m = getattr(KN, mod_name)(**kwargs)(s, t)
+    f = getattr(KF, fn_name)(*inputs, **kwargs)
+    m = getattr(KN, mod_name)(**kwargs)(*inputs)
     assert_close(m, f, rtol=1e-12, atol=1e-14, name=fn_name)
 
 

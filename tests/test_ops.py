@@ -15,8 +15,9 @@ from kd_kernels import _backend
 from kd_kernels.ops import _define, geometry, logit, rkd, sinkhorn
 from kd_kernels.testing import assert_matches_reference
 
-LOSSES = ["rkd_distance", "rkd_angle", "kd", "reverse_kl", "jsd", "tvd", "dist", "grkd"]
+LOSSES = ["rkd_distance", "rkd_angle", "kd", "reverse_kl", "jsd", "tvd", "dist", "grkd", "topk"]
 LOSSES += ["gram", "cka", "relation", "procrustes", "sinkhorn_loss", "sinkhorn"]
+LOSSES += ["fused_linear_kd", "fused_linear_jsd"]
 
 
 def test_every_loss_is_defined_by_the_helper():

@@ -39,6 +39,8 @@ MODULE_OF = {
     "tvd_loss": "TVDLoss",
     "dist_loss": "DISTLoss",
     "grkd_loss": "GRKDLoss",
+    "fused_linear_kd_loss": "FusedLinearKDLoss",
+    "fused_linear_jsd_loss": "FusedLinearJSDLoss",
 }
 
 
@@ -50,6 +52,8 @@ def inputs(name: str, dtype=torch.float64, seed: int = 0):
         return torch.randn(9, 4, dtype=dtype, generator=g), torch.randn(9, 6, dtype=dtype, generator=g)
     if name == "sinkhorn":
         return (torch.rand(2, 5, 4, dtype=dtype, generator=g),)
+    if name.startswith("fused_linear"):  # hidden [N, Hs], head [V, Hs], hidden [N, Ht], head [V, Ht]
+        return tuple(torch.randn(*shape, dtype=dtype, generator=g) for shape in ((6, 5), (11, 5), (6, 7), (11, 7)))
     return 2 * torch.randn(6, 11, dtype=dtype, generator=g), 2 * torch.randn(6, 11, dtype=dtype, generator=g)
 
 

@@ -13,12 +13,25 @@ gradients.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from kd_kernels._backend import resolve_backend
-from kd_kernels._validate import backend_choice, check_args, check_mask, check_pair, choice, number, optional
+from kd_kernels._validate import (
+    backend_choice,
+    check_args,
+    check_choice,
+    check_mask,
+    check_pair,
+    check_tensor,
+    choice,
+    number,
+    optional,
+)
 from kd_kernels.losses._module import LossModule
 from kd_kernels.ops import logit as _logit_ops
+from kd_kernels.ops import topk as _topk_ops
 from kd_kernels.ops._define import call
 
 __all__ = [
@@ -28,6 +41,7 @@ __all__ = [
     "KDLoss",
     "ReverseKLLoss",
     "TVDLoss",
+    "TopKTeacher",
     "dist_loss",
     "grkd_loss",
     "jsd_loss",
@@ -103,6 +117,117 @@ def _divergence(loss: str, op, student, teacher, scalars, reduction, ignore_mask
     return _reduce(rows, reduction, mask, student.shape[1], student.dtype)
 
 
+class TopKTeacher(NamedTuple):
+    """An offline teacher stored as its top-k log-probabilities (what vLLM / SGLang return).
+
+    Pass it as ``teacher_logits`` to :func:`kd_loss`, :func:`reverse_kl_loss`, :func:`jsd_loss`
+    or :func:`tvd_loss` instead of dense ``[N, V]`` teacher logits (``V =
+    student_logits.shape[1]``).
+
+    Fields:
+        indices: ``[N, k]`` int64 class ids, ``1 <= k <= V``, distinct within a row and in
+            ``[0, V)`` (not checked: that would read tensor values; duplicates count twice).
+        logprobs: ``[N, k]`` floating (any of float16, bfloat16, float32, float64) teacher
+            log-probabilities of those classes. They are the teacher's FINAL (already tempered)
+            distribution: ``temperature`` is applied to the student only and never re-applied
+            to them. ``-inf`` means probability 0. The teacher gets no gradient.
+        missing: how the mass outside the k classes is treated:
+
+            - ``"renormalize"`` (default): ``p_c = exp(lp_c) / sum_j exp(lp_j)`` on the k
+              classes and 0 elsewhere; the divergence is the dense one against that teacher
+              over the V classes (so reverse KL is +inf unless the student also has no mass
+              outside the k; JSD and TVD count the student's outside mass
+              ``q_rest = 1 - sum_k q_c``).
+            - ``"rest"``: ``p_c = exp(lp_c)`` as given (assumed to sum to <= 1) plus one "rest"
+              bucket of mass ``p_rest = max(0, 1 - sum_k p_c)``, compared with the student's
+              ``q_rest = 1 - sum_k q_c``: the divergence is computed over the k + 1 buckets.
+
+    Each row needs at least one finite log-probability in "renormalize" mode (or be dropped by
+    ``ignore_mask``). Memory: O(N k) besides the student's ``[N, V]`` gradient. PyTorch path
+    only for now (``backend="auto"`` or ``"torch"``).
+
+    Example::
+
+        >>> s = torch.randn(8, 1000, requires_grad=True)
+        >>> lp, idx = torch.randn(8, 1000).log_softmax(1).topk(20, dim=1)
+        >>> loss = kd_kernels.kd_loss(s, kd_kernels.TopKTeacher(idx, lp), temperature=1.0)
+        >>> loss.backward()
+    """
+
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+    missing: str = "renormalize"
+
+
+_MISSING = ("renormalize", "rest")
+_TOPK_KERNELS = ("torch",)  # add "triton" when kd_kernels/ops/topk.py gets its kernels
+
+
+def _validate_topk(loss: str, student, teacher: TopKTeacher, ignore_mask) -> None:
+    """Shapes, dtypes and devices of a top-k teacher (never tensor values: safe under torch.compile)."""
+    check_tensor(loss, "student_logits", student, "[N, V]")
+    if student.dim() != 2:
+        raise ValueError(f"{loss}: student_logits must have shape [N, V], got {tuple(student.shape)}")
+    if student.shape[0] < 1 or student.shape[1] < 1:
+        raise ValueError(f"{loss}: student_logits must have N >= 1 rows and V >= 1 classes, got {tuple(student.shape)}")
+    idx, lp = teacher.indices, teacher.logprobs
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64:
+        what = idx.dtype if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise TypeError(f"{loss}: teacher_logits.indices must be an int64 tensor [N, k], got {what}")
+    check_tensor(loss, "teacher_logits.logprobs", lp, "[N, k]")
+    if idx.dim() != 2 or idx.shape[0] != student.shape[0]:
+        raise ValueError(
+            f"{loss}: teacher_logits.indices must have shape [N, k] with N = student_logits.shape[0] "
+            f"({student.shape[0]}), got {tuple(idx.shape)}"
+        )
+    if not 1 <= idx.shape[1] <= student.shape[1]:
+        raise ValueError(
+            f"{loss}: teacher_logits.indices must have 1 <= k <= V = {student.shape[1]} columns, got {idx.shape[1]}"
+        )
+    if tuple(lp.shape) != tuple(idx.shape):
+        raise ValueError(
+            f"{loss}: teacher_logits.logprobs must have the shape of indices {tuple(idx.shape)}, got {tuple(lp.shape)}"
+        )
+    for name, t in (("indices", idx), ("logprobs", lp)):
+        if t.device != student.device:
+            raise ValueError(
+                f"{loss}: teacher_logits.{name} is on {t.device} but student_logits is on {student.device}; "
+                "put both on one device"
+            )
+    check_choice(loss, "teacher_logits.missing", teacher.missing, _MISSING)
+    check_mask(loss, "ignore_mask", ignore_mask, (student.shape[0],), student.device)
+
+
+def _topk_divergence(
+    loss: str,
+    kind: str,
+    student: torch.Tensor,
+    teacher: TopKTeacher,
+    beta: float,
+    temperature: float,
+    reduction: str,
+    ignore_mask: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """A divergence against a :class:`TopKTeacher` (kd_kernels/ops/topk.py)."""
+    _validate_topk(loss, student, teacher, ignore_mask)
+    backend = resolve_backend(backend, student.device, loss=loss, kernels=_TOPK_KERNELS)
+    mask = _as_bool(ignore_mask)
+    rows, _, _ = call(
+        _topk_ops.topk_fwd,
+        student,
+        teacher.indices.contiguous(),
+        teacher.logprobs.contiguous(),
+        kind,
+        teacher.missing == "rest",
+        float(beta),
+        float(temperature),
+        mask,
+        backend,
+    )
+    return _reduce(rows, reduction, mask, student.shape[1], student.dtype)
+
+
 _REDUCTION_DOC = """reduction: ``"batchmean"`` (default: sum over classes, mean over the kept rows),
             ``"sum"`` (sum over kept rows and classes), ``"mean"`` (the sum divided by
             kept rows x C, as ``torch.nn.functional.kl_div(reduction="mean")``) or
@@ -138,7 +263,8 @@ def kd_loss(
 
     Args:
         student_logits: student logits ``[N, C]``.
-        teacher_logits: teacher logits ``[N, C]``; it gets a gradient only if it requires one.
+        teacher_logits: teacher logits ``[N, C]``; it gets a gradient only if it requires one. Or a
+            :class:`TopKTeacher` (stored top-k log-probabilities; its docstring gives the semantics).
         temperature: T > 0 (default 4, as RepDistiller / mdistiller on CIFAR-100).
         {reduction}
         {common}
@@ -158,6 +284,11 @@ def kd_loss(
         >>> loss = kd_kernels.kd_loss(s, t, temperature=4.0)
         >>> loss.backward()
     """
+    if isinstance(teacher_logits, TopKTeacher):
+        check_args("kd_loss", _ARGS["kd_loss"], temperature=temperature, reduction=reduction, backend=backend)
+        return _topk_divergence(
+            "kd_loss", "kd", student_logits, teacher_logits, 0.0, temperature, reduction, ignore_mask, backend
+        )
     _validate(
         "kd_loss", student_logits, teacher_logits, ignore_mask, temperature=temperature, reduction=reduction,
         backend=backend,
@@ -193,7 +324,8 @@ def reverse_kl_loss(
 
     Args:
         student_logits: student logits ``[N, C]``.
-        teacher_logits: teacher logits ``[N, C]``; it gets a gradient only if it requires one.
+        teacher_logits: teacher logits ``[N, C]``; it gets a gradient only if it requires one. Or a
+            :class:`TopKTeacher` (stored top-k log-probabilities; its docstring gives the semantics).
         temperature: T > 0 (default 1).
         {reduction}
         {common}
@@ -211,6 +343,21 @@ def reverse_kl_loss(
         >>> loss = kd_kernels.reverse_kl_loss(s, t)
         >>> loss.backward()
     """
+    if isinstance(teacher_logits, TopKTeacher):
+        check_args(
+            "reverse_kl_loss", _ARGS["reverse_kl_loss"], temperature=temperature, reduction=reduction, backend=backend
+        )
+        return _topk_divergence(
+            "reverse_kl_loss",
+            "reverse_kl",
+            student_logits,
+            teacher_logits,
+            0.0,
+            temperature,
+            reduction,
+            ignore_mask,
+            backend,
+        )
     _validate(
         "reverse_kl_loss", student_logits, teacher_logits, ignore_mask, temperature=temperature,
         reduction=reduction, backend=backend,
@@ -249,7 +396,8 @@ def jsd_loss(
 
     Args:
         student_logits: student logits ``[N, C]``.
-        teacher_logits: teacher logits ``[N, C]``; it gets a gradient only if it requires one.
+        teacher_logits: teacher logits ``[N, C]``; it gets a gradient only if it requires one. Or a
+            :class:`TopKTeacher` (stored top-k log-probabilities; its docstring gives the semantics).
         beta: mixture weight of the teacher, 0 <= β <= 1 (default 0.5). DistiLLM's
             ``js_distance(lam)`` is β = 1 - lam.
         temperature: T > 0 (default 1).
@@ -269,6 +417,13 @@ def jsd_loss(
         >>> loss = kd_kernels.jsd_loss(s, t, beta=0.5)
         >>> loss.backward()
     """
+    if isinstance(teacher_logits, TopKTeacher):
+        check_args(
+            "jsd_loss", _ARGS["jsd_loss"], beta=beta, temperature=temperature, reduction=reduction, backend=backend
+        )
+        return _topk_divergence(
+            "jsd_loss", "jsd", student_logits, teacher_logits, beta, temperature, reduction, ignore_mask, backend
+        )
     _validate(
         "jsd_loss", student_logits, teacher_logits, ignore_mask, beta=beta, temperature=temperature,
         reduction=reduction, backend=backend,
@@ -304,7 +459,8 @@ def tvd_loss(
 
     Args:
         student_logits: student logits ``[N, C]``.
-        teacher_logits: teacher logits ``[N, C]``; it gets a gradient only if it requires one.
+        teacher_logits: teacher logits ``[N, C]``; it gets a gradient only if it requires one. Or a
+            :class:`TopKTeacher` (stored top-k log-probabilities; its docstring gives the semantics).
         temperature: T > 0 (default 1).
         {reduction}
         {common}
@@ -321,6 +477,11 @@ def tvd_loss(
         >>> loss = kd_kernels.tvd_loss(s, t)
         >>> loss.backward()
     """
+    if isinstance(teacher_logits, TopKTeacher):
+        check_args("tvd_loss", _ARGS["tvd_loss"], temperature=temperature, reduction=reduction, backend=backend)
+        return _topk_divergence(
+            "tvd_loss", "tvd", student_logits, teacher_logits, 0.0, temperature, reduction, ignore_mask, backend
+        )
     _validate(
         "tvd_loss", student_logits, teacher_logits, ignore_mask, temperature=temperature, reduction=reduction,
         backend=backend,

@@ -79,9 +79,7 @@ def fused_linear_fwd(
         zs = logits(student_hidden[a:b], student_weight, student_bias)
         zt = logits(teacher_hidden[a:b], teacher_weight, teacher_bias)
         mask = None if ignore_mask is None else ignore_mask[a:b]
-        row_loss[a:b], lse_s[a:b], lse_t[a:b] = divergence_fwd(
-            kind, zs, zt, temperature, beta, mask, chunk_rows=b - a
-        )
+        row_loss[a:b], lse_s[a:b], lse_t[a:b] = divergence_fwd(kind, zs, zt, temperature, beta, mask, chunk_rows=b - a)
     return row_loss, lse_s, lse_t
 
 
