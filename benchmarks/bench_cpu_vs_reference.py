@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from harness import cpu_model, peak_memory_mb
+
 import kd_kernels
-from harness import peak_memory_mb
 from kd_kernels.reference import geometry as ref_geo
 from kd_kernels.reference import logit as ref_logit
 from kd_kernels.reference import rkd as ref_rkd
@@ -133,17 +134,6 @@ def time_pair(ref: Callable, tor: Callable, inputs: tuple, repeats: int, budget_
     return best[0] * 1e3, best[1] * 1e3
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def _git_commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -209,7 +199,7 @@ def main() -> None:
     lines = [
         "# CPU: PyTorch path vs the literal reference (fp32, forward + backward)",
         "",
-        f"- CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs visible; the machine is shared)",
+        f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs visible; the machine is shared)",
         f"- torch {torch.__version__}, torch.set_num_threads({args.threads})",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- git commit: {_git_commit()}",

@@ -24,6 +24,7 @@ Timing: wall clock of the whole batch, ``torch.set_num_threads(threads)``, the m
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -31,19 +32,12 @@ import warnings
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import cpu_model
+
 import kd_kernels
 from kd_kernels.ops import sinkhorn as sinkhorn_ops
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _problem(nb: int, n: int, m: int, dtype: torch.dtype, seed: int = 0):
@@ -140,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Produced by `{cmd.strip()}` (benchmarks/bench_sinkhorn_pot.py; method in its docstring).",
         "",
-        f"- device: {_cpu_name()}, torch.set_num_threads({args.threads}); "
+        f"- device: {cpu_model()}, torch.set_num_threads({args.threads}); "
         f"{torch.get_num_threads()} intra-op threads",
         f"- versions: torch {torch.__version__}, POT {ot.__version__}, Python {platform.python_version()}",
         f"- kd_kernels CPU kernel: {kernel_name}",

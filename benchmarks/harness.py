@@ -40,10 +40,23 @@ def git_commit() -> str:
 
 
 @functools.lru_cache(None)
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+@functools.lru_cache(None)
 def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    return f"CPU {cpu_model()} x{os.cpu_count()}"
 
 
 def _rss_kb(field: str) -> int:

@@ -26,7 +26,7 @@
 //   <q, d>, then the subtraction (the second pass has no exp or log).
 // Dropped rows (keep[r] == 0) get loss 0 and gradient 0 even when they hold NaN/inf.
 //
-// exp and log: own polynomial versions (below) that the compiler vectorises inside
+// exp and log: own polynomial versions (exp_poly.h, logit_rows.h) that the compiler vectorises inside
 // `#pragma omp simd` loops (logit_rows.h; std::exp calls do not vectorise without -ffast-math); relative error
 // ~2 ulp in float32, special values as std::exp/std::log (NaN, +-inf, 0; exp flushes results
 // below 1.2e-38 to 0). The row loops are compiled for AVX2 + FMA and for AVX-512 (below).
@@ -68,6 +68,7 @@ struct RowKernels {
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define KD_CPU_SIMD_REGION 1
+#define KD_EXP_INLINE inline __attribute__((always_inline))
 namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -145,6 +146,19 @@ void check_cpu() {
               "(kd_kernels routes there when divergence_cpu_supported() is False)");
 }
 
+void check_logits(const at::Tensor& x, const char* name);
+
+// The checks both entry points start with: the CPU, the kind, both logits, one shape.
+Kind check_call(const std::string& kind, const at::Tensor& student, const at::Tensor& teacher) {
+  check_cpu();
+  const Kind k = parse_kind(kind);
+  check_logits(student, "student");
+  check_logits(teacher, "teacher");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "divergence_cpu: student and teacher must have the same shape, got ",
+              student.sizes(), " and ", teacher.sizes());
+  return k;
+}
+
 void check_logits(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), "divergence_cpu: ", name, " must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "divergence_cpu: ", name, " must be float32, got ", x.scalar_type());
@@ -176,12 +190,7 @@ std::string divergence_cpu_isa() { return !cpu_supported() ? "none" : (use_avx51
 std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(const std::string& kind, const at::Tensor& student,
                                                                   const at::Tensor& teacher, const at::Tensor& keep,
                                                                   double temperature, double beta) {
-  check_cpu();
-  const Kind k = parse_kind(kind);
-  check_logits(student, "student");
-  check_logits(teacher, "teacher");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "divergence_cpu: student and teacher must have the same shape, got ",
-              student.sizes(), " and ", teacher.sizes());
+  const Kind k = check_call(kind, student, teacher);
   const int64_t n = student.size(0), c = student.size(1);
   check_rows(keep, n, "keep", at::kBool);
   const Scalars sc = scalars(temperature, beta);
@@ -220,12 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> divergence_fwd_cpu(const std::str
 at::Tensor divergence_bwd_cpu(const std::string& kind, const at::Tensor& grad_row, const at::Tensor& student,
                               const at::Tensor& teacher, const at::Tensor& lse_s, const at::Tensor& lse_t,
                               const at::Tensor& keep, double temperature, double beta) {
-  check_cpu();
-  const Kind k = parse_kind(kind);
-  check_logits(student, "student");
-  check_logits(teacher, "teacher");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), "divergence_cpu: student and teacher must have the same shape, got ",
-              student.sizes(), " and ", teacher.sizes());
+  const Kind k = check_call(kind, student, teacher);
   const int64_t n = student.size(0), c = student.size(1);
   check_rows(grad_row, n, "grad_row", at::kFloat);
   check_rows(lse_s, n, "lse_s", at::kFloat);

@@ -1,7 +1,8 @@
 // The per-row loops of csrc/cpu/logit.cpp (see its header comment for the math). This file is
 // included twice there, once per instruction set (AVX2 + FMA, and AVX-512), each time inside its
 // own namespace and `#pragma GCC target` region: no include guard on purpose, and nothing here
-// may include a library header (its inline functions would be compiled for that ISA).
+// may include a library header (its inline functions would be compiled for that ISA); exp_poly.h
+// is the project's own, written for this.
 // Every comparison may be speculated (no-trapping-math): the clamps and selects if-convert and the
 // loops vectorise; no floating-point exception flag is read anywhere.
 
@@ -18,31 +19,7 @@ inline uint32_t float_to_bits(float f) {
   return b;
 }
 
-// exp(x) for float: x = n ln2 + r, |r| <= ln2/2 (Cody-Waite split of ln2, the high part exact in
-// n * ln2_hi), exp(r) by its degree-7 Taylor polynomial (truncation < 6e-9 relative), 2^n from
-// exponent bits. Rounding to nearest by the 1.5 * 2^23 trick (vectorises; std::nearbyint does not
-// on the baseline ISA). Every argument in this file is <= 0 up to rounding (u - max, u - lse); the
-// range kept is [-87.3, 88.3]: below, the result is flushed to 0 (std::exp would return a
-// denormal < 1.2e-38), above, +inf; NaN stays NaN.
-inline float fast_exp(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23
-  const float n = (xc * 1.44269504088896341f + shifter) - shifter;  // in [-126, 127]
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  float y = p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  y = x < -87.3f ? 0.0f : y;
-  y = x > 88.3f ? kInf : y;
-  return x != x ? x : y;
-}
+#include "exp_poly.h"  // exp_poly(float): every argument here is <= 0 up to rounding
 
 // log(x) for float x > 0 (log(0) = -inf, negative or NaN -> NaN, +inf -> +inf): x = 2^k m with
 // m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m-1)/(m+1), |s| <= 0.172, odd series to s^9
@@ -114,7 +91,7 @@ void row_sums(const float* s, const float* t, int64_t c, float inv_t, float ms, 
 #pragma omp simd reduction(+ : bs, bt, ba)
     for (int64_t j = j0; j < j1; ++j) {
       const float vs = s[j] * inv_t - ms, vt = t[j] * inv_t - mt;
-      const float es = fast_exp(vs), et = fast_exp(vt);
+      const float es = exp_poly(vs), et = exp_poly(vt);
       bs += es;
       bt += et;
       if constexpr (ACC == kAccForward) {
@@ -167,7 +144,7 @@ double row_value(const float* s, const float* t, const float* es, const float* e
 void grad_kl(const float* s, const float* t, int64_t c, float inv_t, float lse_s, float lse_t, float w, float* out) {
 #pragma omp simd
   for (int64_t j = 0; j < c; ++j) {
-    out[j] = w * (fast_exp(s[j] * inv_t - lse_s) - fast_exp(t[j] * inv_t - lse_t));
+    out[j] = w * (exp_poly(s[j] * inv_t - lse_s) - exp_poly(t[j] * inv_t - lse_t));
   }
 }
 
@@ -183,7 +160,7 @@ double grad_pass_a(const float* s, const float* t, int64_t c, float inv_t, float
 #pragma omp simd reduction(+ : ba)
     for (int64_t j = j0; j < j1; ++j) {
       const float ls = s[j] * inv_t - lse_s, lt = t[j] * inv_t - lse_t;
-      const float q = fast_exp(ls), p = fast_exp(lt);
+      const float q = exp_poly(ls), p = exp_poly(lt);
       float d;
       if constexpr (MODE == kModeReverseKl) {
         d = ls - lt;
