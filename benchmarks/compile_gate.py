@@ -128,29 +128,123 @@ def _grkd_case(mod, student, teacher, reduction):
         mod.grkd_bwd_triton(torch.ones_like(loss), student, teacher, pairs, 2.0, top_k, mask)
 
 
-def _geometry_case(stem):
-    # gram / cka / relation in the D x D form (their kernels; the N x N form runs the torch
-    # path): a teacher of the student's width where N <= max(Ds, Dt). "mean": no mask, the
-    # default flags; "none": a mask and the other flags (gram: no centring/normalisation, cka:
-    # unbiased), so both row-load variants and the 'frob' / 'row' / no-scaling paths compile.
+def _topk_case(kind):
+    # divergences against a top-k teacher (kd_kernels/triton/topk.py): k = 5 entries of the
+    # teacher's log-softmax (the student's dtype), both missing modes (renormalize: kd skips the
+    # outside log-sum-exp; rest: every kind reads it), on the gate's vocabulary (many rows per
+    # program) and on a wide one (V = 5001: one row per program, BLOCK_V = 2048, the GPU tile).
+    # JSD: the mixture and both endpoints (the kd / reverse-KL modes without and with T^2).
     def case(mod, student, teacher, reduction):
         import torch
 
-        n = student.shape[0]
-        if n <= max(student.shape[1], teacher.shape[1]):
-            teacher = torch.randn(n, student.shape[1]).to(student.dtype)
-        mask = (torch.arange(n) % 4 != 0) if reduction == "none" else None
-        plain = reduction == "mean"
-        flags = {"gram": (plain, plain), "cka": (not plain,), "relation": ()}[stem]
-        out = getattr(mod, f"{stem}_fwd_triton")(student, teacher, mask, *flags)
-        bwd = getattr(mod, f"{stem}_bwd_triton")
-        bwd(torch.tensor(1.0), student, teacher, mask, *out[1:], *flags, True, True)
-        bwd(torch.tensor(1.0), student, teacher, mask, *out[1:], *flags, True, False)
+        betas = (0.3, 0.0, 1.0) if kind == "jsd" else (0.0,)
+        for s in (student, torch.randn(3, 5001).to(student.dtype)):
+            n, v = s.shape
+            mask = (torch.arange(n) % 3 == 0) if reduction == "none" else None
+            lp, idx = torch.log_softmax(torch.randn(n, v), dim=1).topk(min(5, v), dim=1)
+            lp = lp.to(s.dtype)
+            for rest in (False, True):
+                for beta in betas:
+                    rows, lse, lse_out = mod.topk_fwd_triton(s, idx, lp, kind, rest, beta, 2.0, mask)
+                    mod.topk_bwd_triton(torch.ones_like(rows), s, idx, lp, lse, lse_out, kind, rest, beta, 2.0, mask)
 
     return case
 
 
+def _geometry_case(stem):
+    # gram / cka / relation in both forms: the D x D form (kd_kernels/triton/geometry.py; a teacher
+    # of the student's width where N <= max(Ds, Dt)) and the N x N form (geometry_nn.py; the gate's
+    # pair where N <= max(Ds, Dt), else a teacher of width N + 3). "mean": no mask, the default
+    # flags; "none": a mask and the other flags (gram: no centring/normalisation, cka: unbiased),
+    # so both row-load variants and the 'frob' / 'row' / no-scaling paths compile.
+    def case(mod, student, teacher, reduction):
+        import torch
+
+        n = student.shape[0]
+        nn = n <= max(student.shape[1], teacher.shape[1])
+        dd_teacher = torch.randn(n, student.shape[1]).to(student.dtype) if nn else teacher
+        nn_teacher = teacher if nn else torch.randn(n, n + 3).to(student.dtype)
+        mask = (torch.arange(n) % 4 != 0) if reduction == "none" else None
+        plain = reduction == "mean"
+        flags = {"gram": (plain, plain), "cka": (not plain,), "relation": ()}[stem]
+        for t in (dd_teacher, nn_teacher):
+            out = getattr(mod, f"{stem}_fwd_triton")(student, t, mask, *flags)
+            bwd = getattr(mod, f"{stem}_bwd_triton")
+            bwd(torch.tensor(1.0), student, t, mask, *out[1:], *flags, True, True)
+            bwd(torch.tensor(1.0), student, t, mask, *out[1:], *flags, True, False)
+
+    return case
+
+
+def _procrustes_case(mod, student, teacher, reduction):
+    # the products pass and the one-sided backward GEMM (kd_kernels/triton/procrustes.py; the polar
+    # factor is torch ops: SVD / eigh, or Newton–Schulz GEMMs). "mean": centred, no mask; "none":
+    # a mask, no centring.
+    import torch
+
+    n = student.shape[0]
+    mask = (torch.arange(n) % 4 != 0) if reduction == "none" else None
+    center = reduction == "mean"
+    out = mod.procrustes_fwd_triton(student, teacher, mask, center)
+    mod.procrustes_bwd_triton(torch.tensor(1.0), student, teacher, mask, *out[1:], center, True, True)
+    mod.procrustes_bwd_triton(torch.tensor(1.0), student, teacher, mask, *out[1:], center, True, False)
+
+
+def _fused_linear_case(kind):
+    # student / teacher are the hidden states [N, Hs] / [N, Ht]; heads of V = 512 (aligned) or 301
+    # (odd) classes. "mean": no biases, no mask; "none": both biases and a mask. The backward runs
+    # student-only and with every gradient (teacher row scalars, bias atomics), in chunks of 64
+    # rows so the accumulating weight-gradient GEMM compiles too. JSD: the mixture and both
+    # endpoints (their KL kernels).
+    def case(mod, student, teacher, reduction):
+        import torch
+
+        n = student.shape[0]
+        v = 512 if n % 16 == 0 else 301
+        ws, wt = torch.randn(v, student.shape[1]).to(student.dtype), torch.randn(v, teacher.shape[1]).to(teacher.dtype)
+        plain = reduction == "mean"
+        bs = student.new_empty(0) if plain else torch.randn(v).to(student.dtype)
+        bt = teacher.new_empty(0) if plain else torch.randn(v).to(teacher.dtype)
+        mask = None if plain else torch.arange(n) % 3 == 0
+        tensors = (student, ws, bs, teacher, wt, bt)
+        student_only, every = (True, True, True, False, False, False), (True,) * 6
+        runs = [((2.0,), student_only), ((2.0,), every)] if kind == "kd" else [
+            ((0.3, 2.0), student_only), ((0.3, 2.0), every), ((0.0, 2.0), student_only), ((1.0, 2.0), every)]
+        for scalars, needs in runs:
+            rows, lse_s, lse_t = getattr(mod, f"fused_linear_{kind}_fwd_triton")(*tensors, *scalars, mask)
+            getattr(mod, f"fused_linear_{kind}_bwd_triton")(torch.ones_like(rows), *tensors, lse_s, lse_t, *scalars,
+                                                            mask, *needs, chunk_rows=64)  # fmt: skip
+
+    return case
+
+
+def _sinkhorn_case(mod, student, teacher, reduction):
+    # batched log-domain Sinkhorn (kd_kernels/triton/sinkhorn.py) on B = 3 costs [3, n, m] in the
+    # student's dtype: m = Ds (one tile per row on the GPU config, SINGLE_MAX = 256) and m = 300
+    # (two sweeps over column tiles). "mean": per-problem costs, unrolled, no tol; "none": a shared
+    # (stride-0) cost read for problem groups, tol checks and both saved modes. Backward with every
+    # gradient and without the cost gradient (no dM buffer).
+    import torch
+
+    n, ds = student.shape
+    for m in (ds, 300):
+        if reduction == "mean":
+            runs = [(torch.rand(3, n, m).to(student.dtype), 0.0, False)]
+        else:
+            shared = torch.rand(n, m).to(student.dtype).expand(3, n, m)
+            runs = [(shared, 1e-3, False), (shared, 1e-3, True)]
+        a, b = torch.full((3, n), 1.0 / n), torch.full((1, m), 1.0 / m).expand(3, m)
+        for cost, tol, implicit in runs:
+            plan, alphas, betas, n_run = mod.sinkhorn_fwd_triton(cost, a, b, 0.1, 3, tol, 1, implicit)
+            for need_cost in (True, False):
+                mod.sinkhorn_bwd_triton(torch.ones_like(plan), cost, a, b, alphas, betas, n_run, 0.1, 3, implicit,
+                                        need_cost, True, True)  # fmt: skip
+
+
 # loss -> (launcher module, case function)
+# Losses that run other losses' kernels (no Triton kernel of their own to compile).
+COMPOSITE_LOSSES = {"rkd_loss"}
+
 TRITON_CASES = {
     "rkd_distance_loss": ("kd_kernels.triton.rkd", _rkd_distance_case),
     "rkd_angle_loss": ("kd_kernels.triton.rkd", _rkd_angle_case),
@@ -160,13 +254,25 @@ TRITON_CASES = {
     "gram_loss": ("kd_kernels.triton.geometry", _geometry_case("gram")),
     "cka_loss": ("kd_kernels.triton.geometry", _geometry_case("cka")),
     "relation_loss": ("kd_kernels.triton.geometry", _geometry_case("relation")),
+    "procrustes_loss": ("kd_kernels.triton.procrustes", _procrustes_case),
     "jsd_loss": ("kd_kernels.triton.logit", _jsd_case),
     "dist_loss": ("kd_kernels.triton.logit", _dist_case),
     "grkd_loss": ("kd_kernels.triton.logit", _grkd_case),
+    "fused_linear_kd_loss": ("kd_kernels.triton.fused_linear", _fused_linear_case("kd")),
+    "fused_linear_jsd_loss": ("kd_kernels.triton.fused_linear", _fused_linear_case("jsd")),
+    # TopKTeacher routes of kd_loss / reverse_kl_loss / jsd_loss / tvd_loss (one kernel pair)
+    "topk_kd": ("kd_kernels.triton.topk", _topk_case("kd")),
+    "topk_reverse_kl": ("kd_kernels.triton.topk", _topk_case("reverse_kl")),
+    "topk_jsd": ("kd_kernels.triton.topk", _topk_case("jsd")),
+    "topk_tvd": ("kd_kernels.triton.topk", _topk_case("tvd")),
+    "sinkhorn": ("kd_kernels.triton.sinkhorn", _sinkhorn_case),
 }
 
 # CUDA C++ kernels that must use tensor cores besides those named *gram* / *mma*.
-CUDA_TENSOR_CORE_KERNELS: set[str] = {"rkd_distance_tile_kernel", "rkd_laplacian_kernel", "rkd_angle_gram_kernel"}
+CUDA_TENSOR_CORE_KERNELS: set[str] = {
+    "rkd_distance_tile_kernel", "rkd_laplacian_kernel", "rkd_angle_gram_kernel",
+    "geometry_products_kernel", "geometry_grad_kernel",
+}
 
 # ------------------------------------------------------------------------------ tools
 
@@ -579,14 +685,11 @@ def run_triton_gate(full: bool = False, jobs: int = 2, cache_dir: Path = DEFAULT
     t_rec = time.time() - t0
     # missing cases: a loss that has a Triton kernel but no entry in TRITON_CASES
     try:
-        from kd_kernels import losses
+        from kd_kernels.testing import loss_kernels
 
-        for module in (losses.rkd, losses.geometry, losses.sinkhorn, losses.logit):
-            kernels = getattr(module, "_KERNELS", None)
-            if isinstance(kernels, dict):
-                for loss, backends in kernels.items():
-                    if "triton" in backends and loss not in TRITON_CASES:
-                        errors.append(f"{loss}: has a Triton kernel but no case in compile_gate.TRITON_CASES")
+        for loss, backends in loss_kernels().items():
+            if "triton" in backends and loss not in TRITON_CASES and loss not in COMPOSITE_LOSSES:
+                errors.append(f"{loss}: has a Triton kernel but no case in compile_gate.TRITON_CASES")
     except Exception:  # noqa: BLE001
         pass
     job_list = []

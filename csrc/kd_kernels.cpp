@@ -133,6 +133,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
        "kd_kernels.torch_impl.sinkhorn.sinkhorn_fwd (float64 when any input is float64, else float32)",
        "cost"_a, "a"_a, "b"_a, "epsilon"_a, "n_iters"_a);
 
+  // ---- Feature geometry (csrc/cuda/geometry.cu; math in docs/geometry.md) -------------------
+  ::kd_kernels::bind_kernel(m, "geometry_products_cuda", &geometry_products_cuda,
+       "(XtWX [B, Ds, Ds], XtWY [B, Ds, Dt], YtWY [B, Dt, Dt], sum w x' [B, Ds], sum w y' [B, Dt], sum w [B]) fp32 "
+       "of rows x [B, N, Ds], y [B, N, Dt], x' = (x - shift_x) * rinv_x; empty tensors for w [B, N], rinv_* [B, N], "
+       "shift_* [B, D] mean none; precision 'tf32x3' or 'tf32'",
+       "x"_a, "y"_a, "w"_a, "rinv_x"_a, "rinv_y"_a, "shift_x"_a, "shift_y"_a, "precision"_a);
+  ::kd_kernels::bind_kernel(m, "geometry_grad_cuda", &geometry_grad_cuda,
+       "W ((A - 1 mu_a^T) P + (V - 1 mu_v^T) Q) [B, N, Dout] (fp32 if out_f32, else a's dtype); rows times ra, rv "
+       "when given; empty tensors mean none; precision 'tf32x3' or 'tf32'",
+       "a"_a, "v"_a, "w"_a, "ra"_a, "rv"_a, "p"_a, "q"_a, "mu_a"_a, "mu_v"_a, "out_f32"_a, "precision"_a);
+  ::kd_kernels::bind_kernel(m, "geometry_row_sq_cuda", &geometry_row_sq_cuda,
+       "w_i |x_i - mu|^2 [B, N] fp32 of rows x [B, N, D] (w [B, N], mu [B, D] fp32: empty tensors mean none)",
+       "x"_a, "w"_a, "mu"_a);
+
+  // ---- Optimal transport on CUDA (csrc/cuda/sinkhorn.cu; math in docs/sinkhorn.md) ----------
+  ::kd_kernels::bind_kernel(m, "sinkhorn_fwd_cuda", &sinkhorn_fwd_cuda,
+       "(plan [B, n, m] in cost's dtype, alphas [S, B, n], betas [S, B, m] float32, n_run [B] int32) of the batched "
+       "log-domain Sinkhorn: cost [B, n, m] (strided, batch stride 0 = shared), a [B, n], b [B, m]; tol > 0 freezes "
+       "converged problems on the device every check_every iterations; S = 1 if implicit else n_iters",
+       "cost"_a, "a"_a, "b"_a, "epsilon"_a, "n_iters"_a, "tol"_a, "check_every"_a, "implicit"_a);
+  ::kd_kernels::bind_kernel(m, "sinkhorn_bwd_cuda", &sinkhorn_bwd_cuda,
+       "(grad_cost, grad_a, grad_b) of sinkhorn_fwd_cuda (unrolled over n_run[b] steps, or the implicit adjoint "
+       "iteration); an unneeded gradient is an empty tensor",
+       "grad"_a, "cost"_a, "a"_a, "b"_a, "alphas"_a, "betas"_a, "n_run"_a, "epsilon"_a, "n_iters"_a, "implicit"_a,
+       "need_cost"_a, "need_a"_a, "need_b"_a);
+  ::kd_kernels::bind_kernel(m, "sinkhorn_loss_fwd_cuda", &sinkhorn_loss_fwd_cuda,
+       "(loss 0-dim in the student's dtype, D [B, B], U [L+1, B], V [L+1, B] float32) of SinKD on logits [B, C]",
+       "student"_a, "teacher"_a, "temperature"_a, "epsilon"_a, "n_iters"_a);
+  ::kd_kernels::bind_kernel(m, "sinkhorn_loss_bwd_cuda", &sinkhorn_loss_bwd_cuda,
+       "(grad_student, grad_teacher) [B, C] of SinKD; an unneeded gradient is an empty tensor", "grad"_a,
+       "student"_a, "teacher"_a, "cost"_a, "u"_a, "v"_a, "temperature"_a, "epsilon"_a, "need_student"_a,
+       "need_teacher"_a);
+
   m.def("build_info", &kd_kernels::build_info,
         "dict(cuda_version, archs, torch_version_at_build, debug, ops): how this library was built; "
         "ops = the kernel functions of this module");

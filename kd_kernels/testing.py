@@ -164,17 +164,23 @@ def backend_device(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def implemented_backends(loss: str) -> tuple[str, ...]:
-    """The backends public loss ``loss`` (e.g. ``"rkd_distance_loss"``) has kernels for."""
+def loss_kernels() -> dict[str, tuple[str, ...]]:
+    """Every public loss -> the backends it has kernels for (each family module's ``_KERNELS``)."""
     from kd_kernels import losses
 
-    for module in (losses.rkd, losses.geometry, losses.sinkhorn, losses.logit):
-        kernels = getattr(module, "_KERNELS", None)
-        if isinstance(kernels, dict) and loss in kernels:
-            return tuple(kernels[loss])
-        if isinstance(kernels, tuple) and loss in getattr(module, "__all__", ()):
-            return kernels
-    raise ValueError(f"unknown loss {loss!r}")
+    out: dict[str, tuple[str, ...]] = {}
+    for module in (losses.rkd, losses.geometry, losses.sinkhorn, losses.logit, losses.fused_linear):
+        kernels: dict = module._KERNELS  # public loss name -> backends
+        out.update((loss, tuple(b)) for loss, b in kernels.items())
+    return out
+
+
+def implemented_backends(loss: str) -> tuple[str, ...]:
+    """The backends public loss ``loss`` (e.g. ``"rkd_distance_loss"``) has kernels for."""
+    kernels = loss_kernels()
+    if loss not in kernels:
+        raise ValueError(f"unknown loss {loss!r}")
+    return kernels[loss]
 
 
 def require(backend: str, loss: str) -> torch.device:

@@ -36,7 +36,8 @@ API = {
         LOGIT,
         {"temperature": 2.0, "epsilon": 0.1, "n_iters": 20, "backend": "auto"},
     ),
-    "sinkhorn": (None, ("cost",), {"epsilon": 0.1, "n_iters": 100, "a": None, "b": None, "backend": "auto"}),
+    "sinkhorn": (None, ("cost",), {"epsilon": 0.1, "n_iters": 100, "a": None, "b": None, "tol": None, "grad": "unrolled",
+                               "backend": "auto", "check_every": 10, "return_n_iters": False}),
     "kd_loss": (
         "KDLoss",
         LOGIT,

@@ -44,6 +44,13 @@ EXT_FUNCTIONS = (
     "rkd_angle_fwd_cuda",
     "rkd_angle_bwd_cuda",
     "sinkhorn_fwd_cpu",
+    "geometry_products_cuda",
+    "geometry_grad_cuda",
+    "geometry_row_sq_cuda",
+    "sinkhorn_fwd_cuda",
+    "sinkhorn_bwd_cuda",
+    "sinkhorn_loss_fwd_cuda",
+    "sinkhorn_loss_bwd_cuda",
 )
 needs_ext = pytest.mark.skipif(_ext is None, reason=f"kd_kernels._C not built: {extension_status()}")
 

@@ -253,8 +253,8 @@ def test_opcheck(name):
 
 def test_unknown_op_backend_is_not_implemented():
     s, t = torch.randn(5, 3), torch.randn(5, 2)
-    with pytest.raises(NotImplementedError, match="triton"):  # procrustes has no Triton kernel (yet)
-        O.procrustes_fwd(s, t, None, True, "triton")
+    with pytest.raises(NotImplementedError, match="no_such_backend"):  # every geometry op has triton and cuda now
+        O.procrustes_fwd(s, t, None, True, "no_such_backend")
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

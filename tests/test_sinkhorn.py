@@ -296,23 +296,17 @@ def test_opcheck_sinkhorn_ops():
     for dtype, (nb, n, m) in ((F32, (2, 4, 3)), (F64, (1, 1, 5)), (torch.float16, (3, 5, 5))):
         cost = torch.rand(nb, n, m, dtype=dtype)
         a, b = marginals((nb, n), F32), marginals((nb, m), F32)
-        torch.library.opcheck(ops.sinkhorn_fwd, (cost.requires_grad_(), a, b, 0.1, 4, "torch"))
-        torch.library.opcheck(
-            ops.sinkhorn_fwd, (cost.detach(), a.requires_grad_(), b.requires_grad_(), 0.3, 1, "torch")
-        )
-        _, al, be = ops.sinkhorn_fwd(cost.detach(), a.detach(), b.detach(), 0.1, 4, "torch")
-        g = torch.randn(nb, n, m, dtype=dtype)
-        for need in ((True, False, False), (True, True, True), (False, False, True)):
-            args = (g, cost.detach(), a.detach(), b.detach(), al, be, 0.1, *need, "torch")
-            torch.library.opcheck(ops.sinkhorn_bwd, args)
-
-
-def test_no_kernel_for_other_backends():
-    s, t = logits(3, 2)
-    with pytest.raises(NotImplementedError, match="triton"):
-        ops.sinkhorn_loss_fwd(s, t, 2.0, 0.1, 2, "triton")
-    with pytest.raises(NotImplementedError, match="cuda"):
-        ops.sinkhorn_fwd(torch.rand(1, 2, 2), torch.rand(1, 2), torch.rand(1, 2), 0.1, 2, "cuda")
+        for tol, implicit in ((0.0, False), (1e-3, False), (1e-3, True)):
+            extra = (tol, 2, implicit, "torch")
+            torch.library.opcheck(ops.sinkhorn_fwd, (cost.requires_grad_(), a, b, 0.1, 4, *extra))
+            torch.library.opcheck(
+                ops.sinkhorn_fwd, (cost.detach(), a.requires_grad_(), b.requires_grad_(), 0.3, 1, *extra)
+            )
+            _, al, be, n_run = ops.sinkhorn_fwd(cost.detach(), a.detach(), b.detach(), 0.1, 4, *extra)
+            g = torch.randn(nb, n, m, dtype=dtype)
+            for need in ((True, False, False), (True, True, True), (False, False, True)):
+                args = (g, cost.detach(), a.detach(), b.detach(), al, be, n_run, 0.1, 4, implicit, *need, "torch")
+                torch.library.opcheck(ops.sinkhorn_bwd, args)
 
 
 def _compiled_matches(fn, inputs, grad_output, backend, **kw):
@@ -388,7 +382,7 @@ def test_sinkhorn_loss_bad_input(args, kwargs, exc, match):
         (torch.rand(2, 3), {"n_iters": 0}, ValueError, "n_iters"),
         (torch.rand(2, 3), {"n_iters": True}, TypeError, "n_iters"),
         (torch.rand(2, 3), {"a": torch.rand(3)}, ValueError, r"a must have shape \[2\]"),
-        (torch.rand(2, 3), {"a": torch.rand(1, 2)}, ValueError, r"a must have shape \[2\]"),
+        (torch.rand(2, 3), {"a": torch.rand(1, 3)}, ValueError, r"a must have shape \[2\] or \[1, 2\]"),
         (torch.rand(4, 2, 3), {"b": torch.rand(4, 2)}, ValueError, r"b must have shape \[3\] or \[4, 3\]"),
         (torch.rand(4, 2, 3), {"b": torch.rand(5, 3)}, ValueError, "b must have shape"),
         (torch.rand(2, 3), {"b": torch.ones(3, dtype=torch.int64)}, TypeError, "b must be"),
@@ -400,3 +394,93 @@ def test_sinkhorn_loss_bad_input(args, kwargs, exc, match):
 def test_sinkhorn_bad_input(cost, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         sinkhorn(cost, **kwargs)
+
+
+# ---- tol (stopping on the device) and grad="implicit" -------------------------------------
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_sinkhorn_tol_stops_each_problem_like_a_fixed_run(backend, shared):
+    device = require(backend, "sinkhorn")
+    nb, n, m = 4, 7, 5
+    cost = (torch.rand(n, m, dtype=F64, device=device) if shared else torch.rand(nb, n, m, dtype=F64, device=device))
+    eps = torch.tensor([2.0, 0.5, 0.2, 0.05]).tolist()[0]  # one epsilon; problems differ by cost / marginals
+    a = marginals((nb, n), F64).to(device)
+    b = (a.sum(1, keepdim=True) * marginals((nb, m), F64)).to(device)
+    c = cost.to(F32)
+    plan, n_run = sinkhorn(c, epsilon=eps, n_iters=200, a=a.to(F32), b=b.to(F32), tol=1e-4, check_every=3,
+                           return_n_iters=True, backend=backend)  # fmt: skip
+    assert n_run.dtype == torch.int32 and n_run.shape == (nb,)
+    assert (n_run < 200).all() and (n_run % 3 == 0).all(), n_run
+    for i in range(nb):
+        ci = cost if shared else cost[i]
+        want = ref_ot(ci, epsilon=eps, n_iters=int(n_run[i]), a=a[i], b=b[i])
+        assert_close(plan[i].to(F64), want, rtol=1e-4, atol=1e-6)
+        # the problem was really converged to tol, and one check earlier it was not
+        err = (want.sum(1) - a[i]).abs().sum()
+        assert err <= 1.5e-4, err
+        if int(n_run[i]) > 3:
+            early = ref_ot(ci, epsilon=eps, n_iters=int(n_run[i]) - 3, a=a[i], b=b[i])
+            assert (early.sum(1) - a[i]).abs().sum() > 0.5e-4
+
+
+def test_sinkhorn_tol_none_runs_every_iteration(backend):
+    device = require(backend, "sinkhorn")
+    cost = torch.rand(3, 4, 6, device=device)
+    plan, n_run = sinkhorn(cost, n_iters=7, return_n_iters=True, backend=backend)
+    assert n_run.tolist() == [7, 7, 7]
+    assert_close(plan, sinkhorn(cost, n_iters=7, tol=1e-30, backend=backend), rtol=1e-5, atol=1e-7)
+
+
+def test_sinkhorn_tol_gradient_is_that_of_the_iterations_run(backend):
+    device = require(backend, "sinkhorn")
+    cost = torch.rand(2, 5, 4, dtype=F32, device=device)
+    w = torch.randn(2, 5, 4, dtype=F32, device=device)
+    c1 = cost.clone().requires_grad_()
+    plan, n_run = sinkhorn(c1, epsilon=0.5, n_iters=60, tol=1e-5, check_every=2, return_n_iters=True, backend=backend)
+    (plan * w).sum().backward()
+    for i in range(2):
+        c2 = cost[i].to(F64).requires_grad_()
+        (ref_ot(c2, epsilon=0.5, n_iters=int(n_run[i])) * w[i].to(F64)).sum().backward()
+        assert_close(c1.grad[i].to(F64), c2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_sinkhorn_implicit_gradient_matches_unrolled_at_convergence(backend, dtype):
+    device = require(backend, "sinkhorn")
+    nb, n, m = 3, 6, 9
+    cost = torch.rand(nb, n, m, dtype=dtype, device=device)
+    a = marginals((nb, n), dtype).to(device)
+    b = marginals((nb, m), dtype).to(device)
+    w = torch.randn(nb, n, m, dtype=dtype, device=device)
+    grads = {}
+    for mode in ("unrolled", "implicit"):
+        c = cost.clone().requires_grad_()
+        aa, bb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        plan = sinkhorn(c, epsilon=0.3, n_iters=300, a=aa, b=bb, grad=mode, backend=backend)
+        (plan * w).sum().backward()
+        grads[mode] = (plan.detach(), c.grad, aa.grad, bb.grad)
+    tol = 1e-10 if dtype == F64 else 2e-5
+    for got, want in zip(grads["implicit"], grads["unrolled"], strict=True):
+        assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_sinkhorn_implicit_gradient_differs_before_convergence():
+    # a test that can fail: with few iterations the two gradients are different quantities
+    cost = torch.rand(2, 5, 6, dtype=F64)
+    w = torch.randn(2, 5, 6, dtype=F64)
+    out = []
+    for mode in ("unrolled", "implicit"):
+        c = cost.clone().requires_grad_()
+        (sinkhorn(c, epsilon=0.05, n_iters=2, grad=mode) * w).sum().backward()
+        out.append(c.grad)
+    assert (out[0] - out[1]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tol": 0.0}, "tol must be"), ({"tol": -1.0}, "tol must be"), ({"tol": "1e-3"}, "tol must be"),
+    ({"grad": "envelope"}, "grad must be one of"), ({"check_every": 0}, "check_every"),
+])  # fmt: skip
+def test_sinkhorn_tol_grad_arguments_are_checked(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        sinkhorn(torch.rand(2, 3, 3), **kwargs)

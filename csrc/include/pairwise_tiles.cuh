@@ -1,4 +1,5 @@
-// Tensor-core Gram tiles of column-centred rows, shared by the RKD kernels (docs/rkd.md).
+// Tensor-core Gram tiles of column-centred rows, shared by the RKD kernels (docs/rkd.md), and the
+// WMMA k-step (MmaStep, any staging layout) shared with the geometry kernels (csrc/cuda/geometry.cu).
 //
 // One block of kTileThreads = 128 threads (4 warps, 2 × 2) owns a kTileM × kTileM = 64 × 64 tile of
 // G_ij = x~_i · x~_j (x~ = x − mean(x), the column-centred rows); each warp owns a 32 × 32 quarter
@@ -22,6 +23,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace kd_kernels {
 namespace tiles {
@@ -73,35 +75,56 @@ struct GramStage {
   alignas(32) typename T::stage_t b[kTileM * T::ld];  // rows j0..
 };
 
+// Where a warp's 16 × 16 operand fragment starts in a staged tile, for the two WMMA layouts. The
+// A operand (m × k) is staged [m][k] (row_major: Gram tiles, rows of features) or [k][m]
+// (col_major: XᵀX over rows, the reduction index is the staged row); the B operand (k × n) is staged
+// [n][k] (col_major) or [k][n] (row_major). mn0: first row of A / column of B; kk: first k.
+template <typename Layout>
+__device__ __forceinline__ int frag_offset_a(int mn0, int kk, int ld) {
+  return std::is_same<Layout, wmma::row_major>::value ? mn0 * ld + kk : kk * ld + mn0;
+}
+template <typename Layout>
+__device__ __forceinline__ int frag_offset_b(int mn0, int kk, int ld) {
+  return std::is_same<Layout, wmma::col_major>::value ? mn0 * ld + kk : kk * ld + mn0;
+}
+
 // One k-step of the warp's 2 × 2 accumulators. For fp32 the split (3xTF32) or plain TF32 pass.
-template <typename scalar_t, bool kSplit>
+// LayoutA / LayoutB: how the operands are staged (frag_offset_a / frag_offset_b); the defaults are
+// the Gram tiles' ([m][k] and [n][k]: both operands are rows of features).
+template <typename scalar_t, bool kSplit, typename LayoutA = wmma::row_major, typename LayoutB = wmma::col_major>
 struct MmaStep {
   using T = MmaTraits<scalar_t>;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, T::kK, typename T::frag_t, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, T::kK, typename T::frag_t, wmma::col_major>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, T::kK, typename T::frag_t, LayoutA>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, T::kK, typename T::frag_t, LayoutB>;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, T::kK, float>;
 
-  // acc[r][c] += A[rows wr + 16 r, kk..] · B[cols wc + 16 c, kk..]ᵀ; sa / sb point at the staged tiles.
-  __device__ static void run(const typename T::stage_t* sa, const typename T::stage_t* sb, int wr, int wc, int kk,
-                             Acc (&acc)[2][2]) {
+  // acc[r][c] += A[rows wr + 16 r, kk..] · B[kk.., cols wc + 16 c]; sa / sb point at the staged tiles
+  // (row strides lda / ldb, in elements).
+  __device__ static void run_ld(const typename T::stage_t* sa, int lda, const typename T::stage_t* sb, int ldb,
+                                int wr, int wc, int kk, Acc (&acc)[2][2]) {
     FragA a[2];
     FragB b[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) wmma::load_matrix_sync(a[r], sa + (wr + 16 * r) * T::ld + kk, T::ld);
+    for (int r = 0; r < 2; ++r) wmma::load_matrix_sync(a[r], sa + frag_offset_a<LayoutA>(wr + 16 * r, kk, lda), lda);
 #pragma unroll
-    for (int c = 0; c < 2; ++c) wmma::load_matrix_sync(b[c], sb + (wc + 16 * c) * T::ld + kk, T::ld);
+    for (int c = 0; c < 2; ++c) wmma::load_matrix_sync(b[c], sb + frag_offset_b<LayoutB>(wc + 16 * c, kk, ldb), ldb);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int c = 0; c < 2; ++c) wmma::mma_sync(acc[r][c], a[r], b[c], acc[r][c]);
   }
+  // The Gram tiles' call: both operands staged with the row stride T::ld.
+  __device__ static void run(const typename T::stage_t* sa, const typename T::stage_t* sb, int wr, int wc, int kk,
+                             Acc (&acc)[2][2]) {
+    run_ld(sa, T::ld, sb, T::ld, wr, wc, kk, acc);
+  }
 };
 
-template <bool kSplit>
-struct MmaStep<float, kSplit> {
+template <bool kSplit, typename LayoutA, typename LayoutB>
+struct MmaStep<float, kSplit, LayoutA, LayoutB> {
   using T = MmaTraits<float>;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LayoutA>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LayoutB>;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 
   // hi = tf32(v), lo = tf32(v − hi), element by element (the two fragments share one layout).
@@ -116,17 +139,18 @@ struct MmaStep<float, kSplit> {
     }
   }
 
-  __device__ static void run(const float* sa, const float* sb, int wr, int wc, int kk, Acc (&acc)[2][2]) {
+  __device__ static void run_ld(const float* sa, int lda, const float* sb, int ldb, int wr, int wc, int kk,
+                                Acc (&acc)[2][2]) {
     FragA a_hi[2], a_lo[2];
     FragB b_hi[2], b_lo[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      wmma::load_matrix_sync(a_hi[r], sa + (wr + 16 * r) * T::ld + kk, T::ld);
+      wmma::load_matrix_sync(a_hi[r], sa + frag_offset_a<LayoutA>(wr + 16 * r, kk, lda), lda);
       split(a_hi[r], a_lo[r]);
     }
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      wmma::load_matrix_sync(b_hi[c], sb + (wc + 16 * c) * T::ld + kk, T::ld);
+      wmma::load_matrix_sync(b_hi[c], sb + frag_offset_b<LayoutB>(wc + 16 * c, kk, ldb), ldb);
       split(b_hi[c], b_lo[c]);
     }
 #pragma unroll
@@ -139,6 +163,9 @@ struct MmaStep<float, kSplit> {
         }
         wmma::mma_sync(acc[r][c], a_hi[r], b_hi[c], acc[r][c]);
       }
+  }
+  __device__ static void run(const float* sa, const float* sb, int wr, int wc, int kk, Acc (&acc)[2][2]) {
+    run_ld(sa, T::ld, sb, T::ld, wr, wc, kk, acc);
   }
 };
 

@@ -36,9 +36,8 @@ from kd_kernels.ops._define import call
 
 __all__ = ["FusedLinearJSDLoss", "FusedLinearKDLoss", "fused_linear_jsd_loss", "fused_linear_kd_loss"]
 
-# Built kernels per loss (resolve_backend's ``kernels``): the PyTorch path only so far; add
-# "triton" here with its entry in kd_kernels/ops/fused_linear.py's backend table.
-_KERNELS = {"fused_linear_kd_loss": ("torch",), "fused_linear_jsd_loss": ("torch",)}
+# Built kernels per loss (resolve_backend's ``kernels``), as kd_kernels/ops/fused_linear.py's backend table.
+_KERNELS = {"fused_linear_kd_loss": ("torch", "triton"), "fused_linear_jsd_loss": ("torch", "triton")}
 
 _TEMPERATURE = number(positive=True)
 _ARGS = {
@@ -143,8 +142,8 @@ _ARGS_DOC = """student_hidden: student hidden states ``[N, Hs]``.
             ``"sum"``, ``"mean"`` (the sum divided by kept rows x V) or ``"none"`` (``[N]``).
         ignore_mask: optional bool or 0/1 tensor ``[N]``; True drops the row (zero loss and
             gradient); means are over the kept rows (count clamped at 1).
-        backend: ``"auto" | "cuda" | "triton" | "torch"``; only ``"torch"`` is implemented
-            (``"auto"`` resolves to it)."""
+        backend: ``"auto" | "cuda" | "triton" | "torch"``; ``"torch"`` and ``"triton"`` are
+            implemented (``"auto"`` picks Triton on a CUDA device, the PyTorch path on the CPU)."""
 
 
 def fused_linear_kd_loss(

@@ -47,12 +47,13 @@ __all__ = [
     "relation_loss",
 ]
 
-# loss -> backends with kernels (kd_kernels/ops/geometry.py); Procrustes has no Triton kernel yet.
+# loss -> backends with kernels (kd_kernels/ops/geometry.py).
+# "cuda": kd_kernels/ops/geometry_cuda.py on csrc/cuda/geometry.cu.
 _KERNELS = {
-    "gram_loss": ("torch", "triton"),  # kd_kernels/triton/geometry.py
-    "cka_loss": ("torch", "triton"),
-    "relation_loss": ("torch", "triton"),
-    "procrustes_loss": ("torch",),
+    "gram_loss": ("torch", "triton", "cuda"),  # kd_kernels/triton/geometry.py
+    "cka_loss": ("torch", "triton", "cuda"),
+    "relation_loss": ("torch", "triton", "cuda"),
+    "procrustes_loss": ("torch", "triton", "cuda"),  # kd_kernels/triton/procrustes.py
 }
 # The non-tensor keyword arguments of each loss and their checks (shared with the modules).
 _ARGS = {

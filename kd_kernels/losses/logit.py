@@ -143,8 +143,8 @@ class TopKTeacher(NamedTuple):
               ``q_rest = 1 - sum_k q_c``: the divergence is computed over the k + 1 buckets.
 
     Each row needs at least one finite log-probability in "renormalize" mode (or be dropped by
-    ``ignore_mask``). Memory: O(N k) besides the student's ``[N, V]`` gradient. PyTorch path
-    only for now (``backend="auto"`` or ``"torch"``).
+    ``ignore_mask``). Memory: O(N k) besides the student's ``[N, V]`` gradient. Backends
+    ``"torch"`` and ``"triton"`` (``kd_kernels/triton/topk.py``; no CUDA C++ kernel).
 
     Example::
 
@@ -160,7 +160,7 @@ class TopKTeacher(NamedTuple):
 
 
 _MISSING = ("renormalize", "rest")
-_TOPK_KERNELS = ("torch",)  # add "triton" when kd_kernels/ops/topk.py gets its kernels
+_TOPK_KERNELS = ("torch", "triton")  # the backends of kd_kernels/ops/topk.py (triton: kd_kernels/triton/topk.py)
 
 
 def _validate_topk(loss: str, student, teacher: TopKTeacher, ignore_mask) -> None:

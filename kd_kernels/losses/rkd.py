@@ -14,7 +14,9 @@ from kd_kernels.ops._define import call
 
 __all__ = ["RKDAngleLoss", "RKDDistanceLoss", "RKDLoss", "rkd_angle_loss", "rkd_distance_loss", "rkd_loss"]
 
-_KERNELS = ("torch", "triton", "cuda")  # auto on CUDA: cuda, then triton (GPU ranking not yet measured)
+_BACKENDS = ("torch", "triton", "cuda")  # auto on CUDA: cuda, then triton (GPU ranking not yet measured)
+# rkd_loss runs the two others' kernels (no kernel of its own).
+_KERNELS = {"rkd_distance_loss": _BACKENDS, "rkd_angle_loss": _BACKENDS, "rkd_loss": _BACKENDS}
 _REDUCTIONS = ("mean", "sum", "none")
 # The non-tensor keyword arguments of each loss and their checks (shared with the modules).
 _PAIR_ARGS = {"reduction": choice(*_REDUCTIONS), "backend": backend_choice}
@@ -24,7 +26,7 @@ _RKD_ARGS = {"distance_weight": number(nonneg=True), "angle_weight": number(nonn
 def _prepare(loss: str, student, teacher, reduction: str, backend: str, min_rows: int) -> str:
     check_pair(loss, student, teacher, min_rows=min_rows)
     check_args(loss, _PAIR_ARGS, reduction=reduction, backend=backend)
-    return resolve_backend(backend, student.device, loss=loss, kernels=_KERNELS)
+    return resolve_backend(backend, student.device, loss=loss, kernels=_BACKENDS)
 
 
 def rkd_distance_loss(

@@ -13,7 +13,8 @@ from kd_kernels.ops._define import call
 
 __all__ = ["SinkhornLoss", "sinkhorn", "sinkhorn_loss"]
 
-_KERNELS = ("torch",)
+# The backends each function implements (kernels: kd_kernels/ops/sinkhorn.py).
+_KERNELS = {"sinkhorn_loss": ("torch", "cuda"), "sinkhorn": ("torch", "cuda")}
 # The non-tensor keyword arguments and their checks (shared with SinkhornLoss).
 _LOSS_ARGS = {
     "temperature": number(positive=True),
@@ -21,7 +22,12 @@ _LOSS_ARGS = {
     "n_iters": number(integer=True, lo=1),
     "backend": backend_choice,
 }
-_PLAN_ARGS = {"epsilon": number(positive=True), "n_iters": number(integer=True, lo=1), "backend": backend_choice}
+_PLAN_ARGS = {
+    "epsilon": number(positive=True),
+    "n_iters": number(integer=True, lo=1),
+    "check_every": number(integer=True, lo=1),
+    "backend": backend_choice,
+}
 
 
 def sinkhorn_loss(
@@ -62,7 +68,7 @@ def sinkhorn_loss(
         temperature: softmax temperature T (> 0). Default 2.0.
         epsilon: entropic regularisation (> 0). Default 0.1.
         n_iters: number of row/column normalisation rounds (int >= 1). Default 20.
-        backend: ``"auto" | "cuda" | "triton" | "torch"``; only ``"torch"`` exists yet.
+        backend: ``"auto" | "cuda" | "triton" | "torch"``: ``"cuda"`` is csrc/cuda/sinkhorn.cu (GPU verification pending).
 
     Shape:
         - student_logits, teacher_logits: ``[B, C]``, B >= 1 (rows are samples), C >= 1.
@@ -85,7 +91,7 @@ def sinkhorn_loss(
         same_last_dim=True,
     )
     check_args(name, _LOSS_ARGS, temperature=temperature, epsilon=epsilon, n_iters=n_iters, backend=backend)
-    backend = resolve_backend(backend, student_logits.device, loss=name, kernels=_KERNELS)
+    backend = resolve_backend(backend, student_logits.device, loss=name, kernels=_KERNELS[name])
     return call(
         _ops.sinkhorn_loss_fwd,
         student_logits,
@@ -122,8 +128,12 @@ def sinkhorn(
     n_iters: int = 100,
     a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
+    tol: float | None = None,
+    grad: str = "unrolled",
     backend: str = "auto",
-) -> torch.Tensor:
+    check_every: int = 10,
+    return_n_iters: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Batched entropic optimal transport (Sinkhorn) in the log domain; returns the plans.
 
     For each problem, with dual potentials started at zero and ``n_iters`` alternating
@@ -154,7 +164,22 @@ def sinkhorn(
             autograd through the loop gives). Used as given, NOT normalised: give ``a`` and
             ``b`` the same total mass for a balanced problem.
         b: target marginals ``[m]`` or ``[B, m]``; uniform ``1/m`` when None. Same rules.
-        backend: ``"auto" | "cuda" | "triton" | "torch"``; only ``"torch"`` exists yet. On CPU
+        tol: None (default: exactly ``n_iters`` iterations) or a float > 0: after every
+            ``check_every`` iterations each problem's row-marginal error
+            ``sum_i |sum_j P_ij - a_i|`` (L1; the columns are exact after each update) is
+            computed on the device, and a problem at or below ``tol`` stops there (its later
+            iterations leave it unchanged). No host synchronisation: the loop length is fixed.
+        grad: ``"unrolled"`` (default: the exact gradient of the iterations that ran) or
+            ``"implicit"``: the gradient of the converged fixed point (implicit function
+            theorem), computed by the adjoint fixed-point iteration at the final potentials
+            only; it saves O(B (n + m)) instead of O(n_iters B (n + m)) and agrees with the
+            unrolled gradient to the forward's own convergence error (use it for long, converged
+            runs; docs/sinkhorn.md §6).
+        check_every: iterations between two convergence checks when ``tol`` is given (>= 1).
+        return_n_iters: also return the number of iterations each problem ran (int32 ``[B]``,
+            or 0-dim for a 2-D cost, on the device).
+        backend: ``"auto" | "cuda" | "triton" | "torch"``: ``"cuda"`` is csrc/cuda/sinkhorn.cu
+            (GPU verification pending). On CPU
             tensors its forward is the fused C++ kernel ``kd_kernels._C.sinkhorn_fwd_cpu`` (one
             problem per thread, its cost kept in cache for all iterations; the same plans and
             potentials as the PyTorch code to rounding) when the extension is built, else the
@@ -187,19 +212,34 @@ def sinkhorn(
         raise ValueError(f"{name}: cost [B, n, m] must have at least one problem (B >= 1), got {tuple(cost.shape)}")
     if n < 1 or m < 1:
         raise ValueError(f"{name}: cost [.., n, m] needs n >= 1 and m >= 1, got {tuple(cost.shape)}")
-    check_args(name, _PLAN_ARGS, epsilon=epsilon, n_iters=n_iters, backend=backend)
+    check_args(name, _PLAN_ARGS, epsilon=epsilon, n_iters=n_iters, check_every=check_every, backend=backend)
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0):
+        raise ValueError(f"{name}: tol must be None or a number > 0, got {tol!r}")
+    if grad not in ("unrolled", "implicit"):
+        raise ValueError(f"{name}: grad must be one of ('unrolled', 'implicit'), got {grad!r}")
     batch = cost.shape[0] if cost.dim() == 3 else None
+    if batch is None:  # a shared [n, m] cost with batched marginals [B, n] / [B, m]: B problems
+        batched = [x.shape[0] for x in (a, b) if isinstance(x, torch.Tensor) and x.dim() == 2]
+        if batched:
+            _check_marginal("a", a, n, batched[0], cost)
+            _check_marginal("b", b, m, batched[0], cost)
+            cost = cost.expand(batched[0], n, m)  # stride 0: never materialised
+            batch = batched[0]
     _check_marginal("a", a, n, batch, cost)
     _check_marginal("b", b, m, batch, cost)
-    backend = resolve_backend(backend, cost.device, loss=name, kernels=_KERNELS)
+    backend = resolve_backend(backend, cost.device, loss=name, kernels=_KERNELS[name])
 
     c = cost if batch is not None else cost.unsqueeze(0)
     nb = c.shape[0]
     uniform_dtype = torch.promote_types(cost.dtype, torch.float32)
     a = torch.full((n,), 1.0 / n, dtype=uniform_dtype, device=cost.device) if a is None else a
     b = torch.full((m,), 1.0 / m, dtype=uniform_dtype, device=cost.device) if b is None else b
-    plan = call(_ops.sinkhorn_fwd, c, a.expand(nb, n), b.expand(nb, m), float(epsilon), n_iters, backend)[0]
-    return plan if batch is not None else plan.squeeze(0)
+    out = call(
+        _ops.sinkhorn_fwd, c, a.expand(nb, n), b.expand(nb, m), float(epsilon), n_iters,
+        0.0 if tol is None else float(tol), check_every, grad == "implicit", backend,
+    )  # fmt: skip
+    plan, n_run = (out[0], out[3]) if batch is not None else (out[0].squeeze(0), out[3].squeeze(0))
+    return (plan, n_run) if return_n_iters else plan
 
 
 class SinkhornLoss(LossModule, function=sinkhorn_loss, spec=_LOSS_ARGS):

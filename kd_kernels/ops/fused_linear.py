@@ -13,15 +13,16 @@ tensor for none):
 - ``fused_linear_<loss>_bwd(grad_row, <the six tensors>, lse_s, lse_t, <floats>, ignore_mask,
   need_<each of the six>, backend)`` -> the six gradients (empty where not needed).
 
-Backends: ``"torch"`` only (a Triton backend is one more entry in ``_KERNELS[loss]`` plus its
-name in ``_KERNELS`` of ``kd_kernels/losses/fused_linear.py``).
+Backends: ``"torch"`` and ``"triton"`` (``kd_kernels/triton/fused_linear.py``: logit tiles on
+tensor cores, online log-sum-exp, chunked backward GEMMs; fp32 / fp16 / bf16, float64 runs the
+torch kernel).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kd_kernels.ops._define import define_loss_op
+from kd_kernels.ops._define import define_loss_op, lazy
 from kd_kernels.torch_impl import fused_linear as _impl
 from kd_kernels.torch_impl.logit import compute_dtype
 
@@ -55,10 +56,18 @@ def _torch_kernels(kind: str, scalars: tuple[str, ...]):
     return forward, backward
 
 
+_TRITON = "kd_kernels.triton.fused_linear"  # launchers with the torch kernels' argument order
+
 # loss -> backend -> (forward, backward).
 _KERNELS: dict[str, dict] = {
-    "kd": {"torch": _torch_kernels("kd", ("temperature",))},
-    "jsd": {"torch": _torch_kernels("jsd", ("beta", "temperature"))},
+    "kd": {
+        "torch": _torch_kernels("kd", ("temperature",)),
+        "triton": (lazy(_TRITON, "fused_linear_kd_fwd_triton"), lazy(_TRITON, "fused_linear_kd_bwd_triton")),
+    },
+    "jsd": {
+        "torch": _torch_kernels("jsd", ("beta", "temperature")),
+        "triton": (lazy(_TRITON, "fused_linear_jsd_fwd_triton"), lazy(_TRITON, "fused_linear_jsd_bwd_triton")),
+    },
 }
 
 

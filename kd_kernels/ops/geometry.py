@@ -55,12 +55,32 @@ def _triton_kernels(loss: str) -> tuple:
     return (lazy(_TRITON, f"{loss}_fwd_triton"), lazy(_TRITON, f"{loss}_bwd_triton"))
 
 
+_CUDA = "kd_kernels.ops.geometry_cuda"
+
+
+def _cuda_kernels(loss: str) -> tuple:
+    """kd_kernels/ops/geometry_cuda.py launchers on the CUDA C++ primitives of csrc/cuda/geometry.cu
+    (kd_kernels._C; imported on first call; fp32/fp16/bf16 only)."""
+    return (lazy(_CUDA, f"{loss}_fwd_cuda"), lazy(_CUDA, f"{loss}_bwd_cuda"))
+
+
 # loss -> {backend: (forward, backward)}. Other backends are added here.
 _KERNELS = {
-    "gram": {"torch": _torch_kernels("gram", 8), "triton": _triton_kernels("gram")},
-    "cka": {"torch": _torch_kernels("cka", 8), "triton": _triton_kernels("cka")},
-    "relation": {"torch": _torch_kernels("relation", 8), "triton": _triton_kernels("relation")},
-    "procrustes": {"torch": _torch_kernels("procrustes", 5)},
+    "gram": {"torch": _torch_kernels("gram", 8), "triton": _triton_kernels("gram"), "cuda": _cuda_kernels("gram")},
+    "cka": {"torch": _torch_kernels("cka", 8), "triton": _triton_kernels("cka"), "cuda": _cuda_kernels("cka")},
+    "relation": {
+        "torch": _torch_kernels("relation", 8),
+        "triton": _triton_kernels("relation"),
+        "cuda": _cuda_kernels("relation"),
+    },
+    "procrustes": {
+        "torch": _torch_kernels("procrustes", 5),
+        "triton": (  # kd_kernels/triton/procrustes.py
+            lazy("kd_kernels.triton.procrustes", "procrustes_fwd_triton"),
+            lazy("kd_kernels.triton.procrustes", "procrustes_bwd_triton"),
+        ),
+        "cuda": _cuda_kernels("procrustes"),
+    },
 }
 
 

@@ -6,11 +6,13 @@ float64 routing, the double-backward error):
   -> ``(loss [], cost D [B, B], row scales U [L+1, B], column scales V [L+1, B])`` and
   ``kd_kernels::sinkhorn_loss_bwd(grad, student, teacher, cost, u, v, temperature, epsilon,
   need_student, need_teacher, backend)`` -> ``(grad_student, grad_teacher)`` (SinKD);
-* ``kd_kernels::sinkhorn_fwd(cost [B, n, m], a [B, n], b [B, m], epsilon, n_iters, backend)``
-  -> ``(plan [B, n, m] in cost's dtype, alphas [L, B, n], betas [L, B, m])`` (scaled dual
-  potentials) and ``kd_kernels::sinkhorn_bwd(grad, cost, a, b, alphas, betas, epsilon,
+* ``kd_kernels::sinkhorn_fwd(cost [B, n, m], a [B, n], b [B, m], epsilon, n_iters, tol,
+  check_every, implicit, backend)`` -> ``(plan [B, n, m] in cost's dtype, alphas [S, B, n],
+  betas [S, B, m], n_run [B] int32)`` (scaled dual potentials, S = n_iters, or 1 when
+  ``implicit``; ``n_run``: iterations each problem ran, < n_iters when ``tol`` > 0 froze it) and
+  ``kd_kernels::sinkhorn_bwd(grad, cost, a, b, alphas, betas, n_run, epsilon, n_iters, implicit,
   need_cost, need_a, need_b, backend)`` -> ``(grad_cost, grad_a, grad_b)`` (batched log-domain
-  Sinkhorn).
+  Sinkhorn; contract in the "Batched log-domain Sinkhorn" block of kd_kernels/torch_impl/sinkhorn.py).
 
 An unneeded gradient is an empty tensor. Inputs are validated by the public functions in
 ``kd_kernels/losses/sinkhorn.py``, never here.
@@ -23,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from kd_kernels import _backend
-from kd_kernels.ops._define import define_loss_op
+from kd_kernels.ops._define import cuda_function, define_loss_op, lazy
 from kd_kernels.torch_impl import sinkhorn as _torch_impl
 from kd_kernels.torch_impl.sinkhorn import _compute_dtype  # the fakes must agree with the kernels' dtype rule
 
@@ -44,19 +46,35 @@ def _cpu_sinkhorn_kernel() -> Callable | None:
 
 
 def _sinkhorn_fwd_torch(
-    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, epsilon: float, n_iters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The "torch" backend's forward: the C++ CPU kernel for CPU tensors when built, else torch_impl."""
-    if cost.device.type == "cpu":
+    cost: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    epsilon: float,
+    n_iters: int,
+    tol: float,
+    check_every: int,
+    implicit: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "torch" backend's forward: the C++ CPU kernel for CPU tensors when built (fixed
+    iteration count, unrolled saves), else torch_impl (which also does ``tol`` and ``implicit``)."""
+    if cost.device.type == "cpu" and tol <= 0 and not implicit:
         kernel = _cpu_sinkhorn_kernel()
         if kernel is not None:
-            return kernel(cost, a, b, float(epsilon), int(n_iters))
-    return _torch_impl.sinkhorn_fwd(cost, a, b, epsilon, n_iters)
+            plan, alphas, betas = kernel(cost, a, b, float(epsilon), int(n_iters))
+            return plan, alphas, betas, torch.full((cost.shape[0],), n_iters, dtype=torch.int32)
+    return _torch_impl.sinkhorn_fwd(cost, a, b, epsilon, n_iters, tol, check_every, implicit)
 
 
 # backend -> (forward, backward). "triton" and "cuda" kernels register here when written.
 _SINKHORN_LOSS_IMPLS = {"torch": (_torch_impl.sinkhorn_loss_fwd, _torch_impl.sinkhorn_loss_bwd)}
+# CUDA C++ (csrc/cuda/sinkhorn.cu): the op's arguments in order; unneeded gradients come back empty.
+_SINKHORN_LOSS_IMPLS["cuda"] = (cuda_function("sinkhorn_loss_fwd_cuda"), cuda_function("sinkhorn_loss_bwd_cuda"))
 _SINKHORN_IMPLS = {"torch": (_sinkhorn_fwd_torch, _torch_impl.sinkhorn_bwd)}
+_SINKHORN_IMPLS["cuda"] = (cuda_function("sinkhorn_fwd_cuda"), cuda_function("sinkhorn_bwd_cuda"))
+_SINKHORN_IMPLS["triton"] = (  # kd_kernels/triton/sinkhorn.py: the same contract (tol, check_every, implicit)
+    lazy("kd_kernels.triton.sinkhorn", "sinkhorn_fwd_triton"),
+    lazy("kd_kernels.triton.sinkhorn", "sinkhorn_bwd_triton"),
+)
 
 
 def _sinkhorn_loss_fake(student, teacher, temperature, epsilon, n_iters):
@@ -70,13 +88,15 @@ def _sinkhorn_loss_fake(student, teacher, temperature, epsilon, n_iters):
     )
 
 
-def _sinkhorn_fake(cost, a, b, epsilon, n_iters):
+def _sinkhorn_fake(cost, a, b, epsilon, n_iters, tol, check_every, implicit):
     nb, n, m = cost.shape
     dt = _compute_dtype(cost, a, b)
+    saved = 1 if implicit else n_iters
     return (
         cost.new_empty((nb, n, m)),
-        cost.new_empty((n_iters, nb, n), dtype=dt),
-        cost.new_empty((n_iters, nb, m), dtype=dt),
+        cost.new_empty((saved, nb, n), dtype=dt),
+        cost.new_empty((saved, nb, m), dtype=dt),
+        cost.new_empty((nb,), dtype=torch.int32),
     )
 
 
@@ -98,12 +118,13 @@ sinkhorn_loss_fwd, sinkhorn_loss_bwd = define_loss_op(
 sinkhorn_fwd, sinkhorn_bwd = define_loss_op(
     "sinkhorn",
     fwd_schema=(
-        "(Tensor cost, Tensor a, Tensor b, float epsilon, SymInt n_iters, str backend) "
-        "-> (Tensor plan, Tensor alphas, Tensor betas)"
+        "(Tensor cost, Tensor a, Tensor b, float epsilon, SymInt n_iters, float tol, SymInt check_every, "
+        "bool implicit, str backend) -> (Tensor plan, Tensor alphas, Tensor betas, Tensor n_run)"
     ),
     bwd_schema=(
-        "(Tensor grad, Tensor cost, Tensor a, Tensor b, Tensor alphas, Tensor betas, float epsilon, "
-        "bool need_cost, bool need_a, bool need_b, str backend) -> (Tensor grad_cost, Tensor grad_a, Tensor grad_b)"
+        "(Tensor grad, Tensor cost, Tensor a, Tensor b, Tensor alphas, Tensor betas, Tensor n_run, float epsilon, "
+        "SymInt n_iters, bool implicit, bool need_cost, bool need_a, bool need_b, str backend) "
+        "-> (Tensor grad_cost, Tensor grad_a, Tensor grad_b)"
     ),
     fake_fwd=_sinkhorn_fake,
     kernels=_SINKHORN_IMPLS,

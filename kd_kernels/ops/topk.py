@@ -17,13 +17,17 @@ gradient: the stored teacher is data.
 
 from __future__ import annotations
 
-from kd_kernels.ops._define import define_loss_op
+from kd_kernels.ops._define import define_loss_op, lazy
 from kd_kernels.torch_impl import topk as _impl
 
 __all__: list[str] = []
 
-# backend -> (forward, backward); the PyTorch path only so far (Triton kernels: issue 13).
-_KERNELS: dict[str, tuple] = {"torch": (_impl.topk_fwd, _impl.topk_bwd)}
+_TRITON = "kd_kernels.triton.topk"  # fp32 / fp16 / bf16 (float64 runs the torch kernels)
+# backend -> (forward, backward)
+_KERNELS: dict[str, tuple] = {
+    "torch": (_impl.topk_fwd, _impl.topk_bwd),
+    "triton": (lazy(_TRITON, "topk_fwd_triton"), lazy(_TRITON, "topk_bwd_triton")),
+}
 
 
 def _fake(student, indices, logprobs, kind, rest, beta, temperature, ignore_mask):

@@ -179,39 +179,84 @@ def sinkhorn_loss_bwd(
 #   alpha_k = log a - LSE_j(M_ij + beta_{k-1,j})          k = 1..L
 #   beta_k  = log b - LSE_i(M_ij + alpha_k,i)
 #   P = exp(M + alpha_L 1^T + 1 beta_L^T)
-# Saved: alpha_1..L [L, B, n], beta_1..L [L, B, m].
+# Convergence check (tol > 0, docs/sinkhorn.md §5): after iteration k with k % check_every == 0
+# and k < L, a problem's row-marginal error err = sum_i |sum_j P^(k)_ij - a_i| (the columns are
+# exact after the beta update) is compared with tol; at err <= tol the problem is frozen (its
+# potentials no longer change) and n_run = k. Every problem runs in the same fixed loop (no host
+# sync): a frozen problem's updates are discarded with torch.where.
+# Saved: unrolled: alpha_1..L [L, B, n], beta_1..L [L, B, m] (rows past n_run repeat the last
+# potentials); implicit: the final potentials only, [1, B, n] and [1, B, m].
 #
 # Backward (dP given): W = dP o P; dM = W; abar = W 1 (dL/dalpha_L); bbar = W^T 1 (dL/dbeta_L).
-#   for k = L..1:
+#   for k = L..1 (problem b takes the steps k <= n_run[b] only; the others are identities):
 #       Qb = exp(M + alpha_k 1^T + 1 (beta_k - log b)^T)    (softmax over i: the beta_k step)
 #       abar -= Qb bbar;           dM -= Qb diag(bbar);    dlog b += bbar
 #       Qa = exp(M + (alpha_k - log a) 1^T + 1 beta_{k-1}^T) (softmax over j: the alpha_k step)
 #       bbar = -Qa^T abar;         dM -= diag(abar) Qa;    dlog a += abar;   abar = 0
 #   dC = -dM / eps,  da = dlog a / a,  db = dlog b / b.
-# Memory: M, dM and one [B, n, m] temporary, plus O(L B (n + m)) potentials, where autograd
-# through the reference loop keeps O(L) [B, n, m] buffers.
+# Implicit (grad="implicit", docs/sinkhorn.md §6): the same n_run steps with every alpha_k,
+# beta_k and beta_{k-1} replaced by the final potentials: the adjoint fixed-point iteration of
+# the converged map, whose limit is the implicit-function gradient of the fixed point. Qa and
+# Qb are then the same in every step: they are formed once, each step is two batched
+# matrix-vector products, and dM gets Qb diag(sum of bbar) + diag(sum of abar) Qa at the end.
+# Memory: M, dM and one [B, n, m] temporary (two for implicit), plus the saved potentials,
+# where autograd through the reference loop keeps O(L) [B, n, m] buffers.
 # ---------------------------------------------------------------------------------------
 
 
+def _row_error(neg: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Per problem sum_i |sum_j exp(M_ij + alpha_i + beta_j) - a_i| ([B]; NaN stays NaN)."""
+    rows = torch.logsumexp(neg + beta[:, None, :], dim=2).add_(alpha).exp_()
+    return (rows - a).abs_().sum(1)
+
+
 def sinkhorn_fwd(
-    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, epsilon: float, n_iters: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-domain Sinkhorn on [B, n, m] costs. Returns (plan in cost's dtype, alphas, betas)."""
+    cost: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    epsilon: float,
+    n_iters: int,
+    tol: float = 0.0,
+    check_every: int = 1,
+    implicit: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-domain Sinkhorn on [B, n, m] costs.
+
+    Returns (plan in cost's dtype, alphas [S, B, n], betas [S, B, m], n_run [B] int32) with
+    S = n_iters (unrolled) or 1 (``implicit``: the final potentials only). ``tol <= 0``: no check.
+    """
     dt = _compute_dtype(cost, a, b)
     neg = (cost.to(dt) / -epsilon).contiguous()  # the plan is returned contiguous
-    log_a = torch.log(a.to(dt))
+    a_c = a.to(dt)
+    log_a = torch.log(a_c)
     log_b = torch.log(b.to(dt))
     nb, n, m = cost.shape
-    alphas = neg.new_empty(n_iters, nb, n)
-    betas = neg.new_empty(n_iters, nb, m)
+    saved = 1 if implicit else n_iters
+    alphas = neg.new_empty(saved, nb, n)
+    betas = neg.new_empty(saved, nb, m)
     beta = neg.new_zeros(nb, m)
+    alpha = neg.new_zeros(nb, n)
+    n_run = torch.full((nb,), n_iters, dtype=torch.int32, device=cost.device)
+    checking = tol > 0
+    active = torch.ones(nb, 1, dtype=torch.bool, device=cost.device) if checking else None
     for k in range(n_iters):
-        alpha = log_a - torch.logsumexp(neg + beta[:, None, :], dim=2)
-        beta = log_b - torch.logsumexp(neg + alpha[:, :, None], dim=1)
-        alphas[k] = alpha
-        betas[k] = beta
+        alpha_new = log_a - torch.logsumexp(neg + beta[:, None, :], dim=2)
+        if checking:
+            alpha = torch.where(active, alpha_new, alpha)
+            beta = torch.where(active, log_b - torch.logsumexp(neg + alpha[:, :, None], dim=1), beta)
+        else:
+            alpha = alpha_new
+            beta = log_b - torch.logsumexp(neg + alpha[:, :, None], dim=1)
+        slot = 0 if implicit else k
+        alphas[slot] = alpha
+        betas[slot] = beta
+        done = k + 1
+        if checking and done % check_every == 0 and done < n_iters:
+            newly = active[:, 0] & (_row_error(neg, alpha, beta, a_c) <= tol)
+            n_run = torch.where(newly, done, n_run)
+            active = active & ~newly[:, None]
     plan = neg.add_(alpha[:, :, None]).add_(beta[:, None, :]).exp_()
-    return plan.to(cost.dtype), alphas, betas
+    return plan.to(cost.dtype), alphas, betas, n_run
 
 
 def _minus_log(potential: torch.Tensor, log_marginal: torch.Tensor, marginal: torch.Tensor) -> torch.Tensor:
@@ -230,7 +275,10 @@ def sinkhorn_bwd(
     b: torch.Tensor,
     alphas: torch.Tensor,
     betas: torch.Tensor,
+    n_run: torch.Tensor,
     epsilon: float,
+    n_iters: int,
+    implicit: bool,
     need_cost: bool,
     need_a: bool,
     need_b: bool,
@@ -242,28 +290,45 @@ def sinkhorn_bwd(
     b_c = b.to(dt)
     log_a = torch.log(a_c)
     log_b = torch.log(b_c)
-    n_iters = alphas.shape[0]
     g_neg = torch.exp(neg + alphas[-1][:, :, None] + betas[-1][:, None, :]).mul_(grad.to(dt))  # W = dP o P
     abar_out = g_neg.sum(2)  # alpha_L also feeds P directly
     bbar = g_neg.sum(1)
     g_log_a = torch.zeros_like(abar_out)
     g_log_b = torch.zeros_like(bbar)
-    for k in range(n_iters - 1, -1, -1):
-        # beta_k = log b - LSE_i(M + alpha_k)
-        shift = _minus_log(betas[k], log_b, b_c)
-        q = torch.exp(neg + alphas[k][:, :, None] + shift[:, None, :]).mul_(bbar[:, None, :])
-        abar = -q.sum(2)
-        if k == n_iters - 1:
-            abar += abar_out
-        g_neg -= q
-        g_log_b += bbar
-        # alpha_k = log a - LSE_j(M + beta_{k-1}), beta_{-1} = 0
-        beta_prev = betas[k - 1] if k > 0 else torch.zeros_like(bbar)
-        shift = _minus_log(alphas[k], log_a, a_c)
-        q = torch.exp(neg + shift[:, :, None] + beta_prev[:, None, :]).mul_(abar[:, :, None])
-        bbar = -q.sum(1)
-        g_neg -= q
-        g_log_a += abar
+    # A problem takes step k only when k < n_run; the direct term abar_out enters at its last step.
+    if implicit:
+        alpha, beta = alphas[0], betas[0]
+        qb = torch.exp(neg + alpha[:, :, None] + _minus_log(beta, log_b, b_c)[:, None, :])
+        qa = torch.exp(neg + _minus_log(alpha, log_a, a_c)[:, :, None] + beta[:, None, :])
+        pending = abar_out
+        for k in range(n_iters - 1, -1, -1):
+            take = (k < n_run)[:, None]
+            abar = torch.where(take, pending - torch.bmm(qb, bbar[:, :, None])[:, :, 0], 0.0)
+            pending = torch.where(take, 0.0, pending)
+            g_log_b += torch.where(take, bbar, 0.0)
+            g_log_a += abar
+            bbar = torch.where(take, -torch.bmm(abar[:, None, :], qa)[:, 0, :], bbar)
+        # sum over steps of bbar (resp. abar) = g_log_b (resp. g_log_a): dM -= Qb diag(.) + diag(.) Qa
+        g_neg -= qb.mul_(g_log_b[:, None, :]).add_(qa.mul_(g_log_a[:, :, None]))
+    else:
+        pending = abar_out
+        for k in range(n_iters - 1, -1, -1):
+            take = (k < n_run)[:, None]
+            # beta_k = log b - LSE_i(M + alpha_k)
+            shift = _minus_log(betas[k], log_b, b_c)
+            bb = torch.where(take, bbar, 0.0)
+            q = torch.exp(neg + alphas[k][:, :, None] + shift[:, None, :]).mul_(bb[:, None, :])
+            abar = torch.where(take, pending - q.sum(2), 0.0)
+            pending = torch.where(take, 0.0, pending)
+            g_neg -= q
+            g_log_b += bb
+            # alpha_k = log a - LSE_j(M + beta_{k-1}), beta_{-1} = 0
+            beta_prev = betas[k - 1] if k > 0 else torch.zeros_like(bbar)
+            shift = _minus_log(alphas[k], log_a, a_c)
+            q = torch.exp(neg + shift[:, :, None] + beta_prev[:, None, :]).mul_(abar[:, :, None])
+            bbar = torch.where(take, -q.sum(1), bbar)
+            g_neg -= q
+            g_log_a += abar
     g_cost = (g_neg / -epsilon).to(cost.dtype) if need_cost else None
     g_a = (g_log_a / a_c).to(a.dtype) if need_a else None
     g_b = (g_log_b / b_c).to(b.dtype) if need_b else None

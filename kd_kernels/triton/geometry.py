@@ -455,20 +455,23 @@ def _frob_sq(m):
     return m.square().sum(dim=(1, 2))
 
 
-def _dd_forward(kind, student, teacher, mask, center, norm, unbiased):
+def _dd_forward(kind, student, teacher, mask, center, norm, unbiased, prims=None):
+    # prims: (products, grad_gemm, row_sq) with the signatures of _products, _grad_gemm, _row_sq;
+    # None = these Triton ones (kd_kernels/ops/geometry_cuda.py passes the CUDA C++ ones)
+    products, _, row_sq = prims or (_products, _grad_gemm, _row_sq)
     x, y, w = _views(student, teacher, mask)
     empty = x.new_empty(0, dtype=torch.float32)
     rinv_x = rinv_y = None
     s_x, s_y = empty, x.new_empty(0, dtype=torch.float32)
     if norm == ROW:  # relation: r_i = max(‖x_i‖, EPS) (kept rows; masked rows give EPS as torch)
-        s_x = _row_sq(x, w, None).sqrt().clamp_min(EPS)
-        s_y = _row_sq(y, w, None).sqrt().clamp_min(EPS)
+        s_x = row_sq(x, w, None).sqrt().clamp_min(EPS)
+        s_y = row_sq(y, w, None).sqrt().clamp_min(EPS)
         rinv_x, rinv_y = 1 / s_x, 1 / s_y
     # fp32 only: a shifted 16-bit tile would be rounded back to its dtype (an error the exact
     # 16-bit products do not have), while the unshifted correction's loss, eps_fp32·‖μ‖²/var,
     # stays below the input's own quantisation eps_16·‖μ‖/σ until ‖μ‖/σ ~ eps_16/eps_fp32 (2^13+)
     shift = _shifts(x, y, w) if center and x.dtype == torch.float32 else None
-    mxx, mxy, myy, csx, csy, cnt = _products(x, y, w, rinv_x, rinv_y, shift)
+    mxx, mxy, myy, csx, csy, cnt = products(x, y, w, rinv_x, rinv_y, shift)
     n = cnt[:, None, None]
     mu_x, mu_y = empty.clone(), empty.clone()
     if center:
@@ -490,7 +493,7 @@ def _dd_forward(kind, student, teacher, mask, center, norm, unbiased):
         per_item = h[:, 0] - 2 * h[:, 1] + h[:, 2]
     else:
         if unbiased:
-            rx, ry = _rho(x, y, w, mu_x, mu_y, s_x, s_y)
+            rx, ry = _rho(x, y, w, mu_x, mu_y, s_x, s_y, row_sq)
             sx, sy = rx.sum(dim=1), ry.sum(dim=1)
             c1, c2 = cnt / (cnt - 2), 1 / ((cnt - 1) * (cnt - 2))
             h = h + torch.stack(
@@ -506,10 +509,11 @@ def _dd_forward(kind, student, teacher, mask, center, norm, unbiased):
     return loss, (mu_x, s_x, mu_y, s_y, mxx, mxy, myy, h)
 
 
-def _rho(x, y, w, mu_x, mu_y, s_x, s_y):
+def _rho(x, y, w, mu_x, mu_y, s_x, s_y, row_sq=None):
     """ρ_i = ‖x̄_i‖² = w_i ‖x_i − μ_x‖² / s_x² (and ρ_y): the row pass of unbiased CKA."""
-    rx = _row_sq(x, w, mu_x) / (s_x * s_x)[:, None]
-    ry = _row_sq(y, w, mu_y) / (s_y * s_y)[:, None]
+    row_sq = row_sq or _row_sq
+    rx = row_sq(x, w, mu_x) / (s_x * s_x)[:, None]
+    ry = row_sq(y, w, mu_y) / (s_y * s_y)[:, None]
     return rx, ry
 
 
@@ -525,7 +529,8 @@ def _rho(x, y, w, mu_x, mu_y, s_x, s_y):
 #   dX = W ((X − 1μ_xᵀ) P'' + (Y − 1μ_yᵀ) Q'')   (= W (X P'' + Y Q'' − 1uᵀ), u = P''ᵀμ_x + Q''ᵀμ_y).
 # Unbiased CKA adds diag(β) X̄ to G (β_i from ρ, torch_impl._hsic1_row_scale): τ gains Σ β_i ρ_i,
 # and dX gains W[diag(β)(X − 1μᵀ)/s² − 1 mβᵀ] with mβ = Σ_i w_i β_i (x_i − μ) / (s² n).
-def _dd_backward(kind, grad, student, teacher, mask, saved, center, norm, unbiased, need_x, need_y):
+def _dd_backward(kind, grad, student, teacher, mask, saved, center, norm, unbiased, need_x, need_y, prims=None):
+    _, grad_gemm, row_sq = prims or (_products, _grad_gemm, _row_sq)  # prims: see _dd_forward
     mu_x, s_x, mu_y, s_y, mxx, mxy, myy, h = saved
     x, y, w = _views(student, teacher, mask)
     bsz, nrows = x.shape[0], x.shape[1]
@@ -545,7 +550,7 @@ def _dd_backward(kind, grad, student, teacher, mask, saved, center, norm, unbias
     extra = None
     if kind == "cka" and unbiased:
         cnt = nrows * torch.ones(bsz, device=x.device) if w is None else w.sum(dim=1).float()
-        rx, ry = _rho(x, y, w, mu_x, mu_y, s_x, s_y)
+        rx, ry = _rho(x, y, w, mu_x, mu_y, s_x, s_y, row_sq)
         sx, sy = rx.sum(dim=1), ry.sum(dim=1)
         c1, c2 = cnt / (cnt - 2), 1 / ((cnt - 1) * (cnt - 2))
         extra = (
@@ -568,7 +573,7 @@ def _dd_backward(kind, grad, student, teacher, mask, saved, center, norm, unbias
         # (the cross matrix of the other side: ⟨Ā, Qᵀ⟩ uses the product as seen from this side)
         cross = mxy if z is x else mxy.transpose(1, 2)  # X̄ᵀȲ for X, ȲᵀX̄ for Y
         if norm == ROW:
-            g = _grad_gemm(z, o, w, 1 / s, 1 / s_o, p, q, None, torch.float32)
+            g = grad_gemm(z, o, w, 1 / s, 1 / s_o, p, q, None, torch.float32)
             zb = z.float() * (1 / s)[..., None]
             if w is not None:
                 zb = zb * w[..., None]
@@ -596,9 +601,9 @@ def _dd_backward(kind, grad, student, teacher, mask, saved, center, norm, unbias
         q2 = q / (sx_ * so_)[:, None, None]
         cen = (mu, mu_o) if center else None
         if beta is None:
-            out.append(_grad_gemm(z, o, w, None, None, p2, q2, cen, src.dtype).reshape(src.shape))
+            out.append(grad_gemm(z, o, w, None, None, p2, q2, cen, src.dtype).reshape(src.shape))
             continue
-        g = _grad_gemm(z, o, w, None, None, p2, q2, cen, torch.float32)
+        g = grad_gemm(z, o, w, None, None, p2, q2, cen, torch.float32)
         # unbiased row terms: W[diag(β)(Z − 1μᵀ)/s² − 1 mβᵀ]  (torch ops on [B, N, D], see "Left")
         wv = torch.ones(bsz, nrows, device=z.device) if w is None else w.float()
         e = (beta * wv / (sx_ * sx_)[:, None])[..., None]  # [B, N, 1]
@@ -614,12 +619,19 @@ def _use_dd(student, teacher) -> bool:
     return _torch.choose_form(student.shape[-2], student.shape[-1], teacher.shape[-1]) == _torch.DD
 
 
+def _nn():
+    """kd_kernels/triton/geometry_nn.py (the N x N form; imported here, it imports this module)."""
+    from kd_kernels.triton import geometry_nn
+
+    return geometry_nn
+
+
 # --------------------------------------------------------------------------- op contracts
 
 
 def gram_fwd_triton(student, teacher, mask, center: bool, normalize: bool):
-    if not _use_dd(student, teacher):  # N x N form: the torch path for now
-        loss, saved = _torch.gram_forward(student, teacher, mask, center, normalize)
+    if not _use_dd(student, teacher):  # N x N form: kd_kernels/triton/geometry_nn.py
+        loss, saved = _nn()._nn_forward("gram", student, teacher, mask, center, FROB if normalize else NONE, False)
     else:
         loss, saved = _dd_forward("gram", student, teacher, mask, center, FROB if normalize else NONE, False)
     return (loss, *saved)
@@ -627,15 +639,15 @@ def gram_fwd_triton(student, teacher, mask, center: bool, normalize: bool):
 
 def gram_bwd_triton(grad, student, teacher, mask, *rest):
     saved, (center, normalize, need_x, need_y) = tuple(rest[:8]), rest[8:]
-    if not _use_dd(student, teacher):
-        return _torch.gram_backward(grad, student, teacher, mask, saved, center, normalize, need_x, need_y)
     norm = FROB if normalize else NONE
+    if not _use_dd(student, teacher):
+        return _nn()._nn_backward("gram", grad, student, teacher, mask, saved, center, norm, False, need_x, need_y)
     return _dd_backward("gram", grad, student, teacher, mask, saved, center, norm, False, need_x, need_y)
 
 
 def cka_fwd_triton(student, teacher, mask, unbiased: bool):
     if not _use_dd(student, teacher):
-        loss, saved = _torch.cka_forward(student, teacher, mask, unbiased)
+        loss, saved = _nn()._nn_forward("cka", student, teacher, mask, True, FROB, unbiased)
     else:
         loss, saved = _dd_forward("cka", student, teacher, mask, True, FROB, unbiased)
     return (loss, *saved)
@@ -644,13 +656,13 @@ def cka_fwd_triton(student, teacher, mask, unbiased: bool):
 def cka_bwd_triton(grad, student, teacher, mask, *rest):
     saved, (unbiased, need_x, need_y) = tuple(rest[:8]), rest[8:]
     if not _use_dd(student, teacher):
-        return _torch.cka_backward(grad, student, teacher, mask, saved, unbiased, need_x, need_y)
+        return _nn()._nn_backward("cka", grad, student, teacher, mask, saved, True, FROB, unbiased, need_x, need_y)
     return _dd_backward("cka", grad, student, teacher, mask, saved, True, FROB, unbiased, need_x, need_y)
 
 
 def relation_fwd_triton(student, teacher, mask):
     if not _use_dd(student, teacher):
-        loss, saved = _torch.relation_forward(student, teacher, mask)
+        loss, saved = _nn()._nn_forward("relation", student, teacher, mask, False, ROW, False)
     else:
         loss, saved = _dd_forward("relation", student, teacher, mask, False, ROW, False)
     return (loss, *saved)
@@ -659,5 +671,5 @@ def relation_fwd_triton(student, teacher, mask):
 def relation_bwd_triton(grad, student, teacher, mask, *rest):
     saved, (need_x, need_y) = tuple(rest[:8]), rest[8:]
     if not _use_dd(student, teacher):
-        return _torch.relation_backward(grad, student, teacher, mask, saved, need_x, need_y)
+        return _nn()._nn_backward("relation", grad, student, teacher, mask, saved, False, ROW, False, need_x, need_y)
     return _dd_backward("relation", grad, student, teacher, mask, saved, False, ROW, False, need_x, need_y)
