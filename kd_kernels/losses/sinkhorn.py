@@ -14,7 +14,7 @@ from kd_kernels.ops._define import call
 __all__ = ["SinkhornLoss", "sinkhorn", "sinkhorn_loss"]
 
 # The backends each function implements (kernels: kd_kernels/ops/sinkhorn.py).
-_KERNELS = {"sinkhorn_loss": ("torch", "cuda"), "sinkhorn": ("torch", "cuda")}
+_KERNELS = {"sinkhorn_loss": ("torch", "cuda"), "sinkhorn": ("torch", "cuda", "triton")}
 # The non-tensor keyword arguments and their checks (shared with SinkhornLoss).
 _LOSS_ARGS = {
     "temperature": number(positive=True),

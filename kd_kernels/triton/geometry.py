@@ -23,13 +23,15 @@ D x D form (N > max(Ds, Dt), the token-feature case):
   of the preprocessing (derivation above ``_dd_backward``). Relation's per-row projection and
   unbiased CKA's row-scaling terms are finished with torch ops on [B, N, D] (see "Left").
 
-N x N form (N <= max(Ds, Dt)): the launchers call the torch path (kd_kernels.torch_impl.geometry)
-for now; the saved layout is then the torch path's N x N one.
+N x N form (N <= max(Ds, Dt)): kd_kernels/triton/geometry_nn.py (``_nn_forward`` /
+``_nn_backward``, called by the launchers below; the torch path's N x N saved layout). There the
+relation projection and the unbiased CKA row terms are folded into the N x N matrix of the
+backward GEMM (nothing is left as torch ops on [B, N, D]).
 
 Left (documented, correct but not yet fused): relation's backward projection
 g_i − ⟨g_i, x̄_i⟩x̄_i and unbiased CKA's backward row terms run as torch ops on [B, N, D]
 temporaries; fp16/bf16 backward tiles are upcast to fp32 (PREC dot) so P'' keeps fp32 accuracy.
-Procrustes has no Triton kernel yet.
+Procrustes: kd_kernels/triton/procrustes.py (this module's ``_products`` / ``_grad_gemm``).
 """
 
 from __future__ import annotations

@@ -97,14 +97,16 @@ _LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 # column and row block) stay <= 1 B per cost element. GROUP: problems per program for a shared
 # (stride-0) cost: 4 problems share each cost tile load. BLOCK_C / BLOCK_R: columns and partial
 # rows per step of the column reductions; BLOCK_B: problems per program of the freeze kernel.
-# MAX_ROWS: cap on rows per block. SINGLE_ROWS: rows per program of the single-tile row kernel
+# maxnreg = 128: ptxas's occupancy heuristic otherwise capped the single-tile row kernel at 64
+# registers and spilled 4 B (sm_90a, bf16, odd shapes); 128 on 8 warps still leaves 2 programs
+# per SM. MAX_ROWS: cap on rows per block. SINGLE_ROWS: rows per program of the single-tile row kernel
 # (RS blocks of BN rows): its column partials are merged in registers, so the partials cost
 # 8 B per column and 64 rows (1/32 B per cost element). num_stages = 1: the sweeps are streaming loops whose loads
 # are consumed at once (no software pipelining buffers to pay for).
 SINKHORN_CONFIGS = {
     "gpu": {
         "TILE": 2048, "BWD_TILE": 1024, "BLOCK_M": 128, "SINGLE_MAX": 256, "GROUP": 4, "MAX_ROWS": 64, "SINGLE_ROWS": 64,
-        "BLOCK_C": 128, "BLOCK_R": 16, "BLOCK_B": 128, "num_warps": 8, "num_stages": 1,
+        "BLOCK_C": 128, "BLOCK_R": 16, "BLOCK_B": 128, "num_warps": 8, "num_stages": 1, "maxnreg": 128,
     },
     # tiny tiles so the small test shapes span several row blocks, column tiles and problem groups
     "interpret": {
@@ -119,7 +121,10 @@ def _config() -> dict:
 
 
 def _launch_opts(cfg: dict) -> dict:
-    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if "maxnreg" in cfg:
+        opts["maxnreg"] = cfg["maxnreg"]
+    return opts
 
 
 def _geometry(n: int, m: int, pb: int, tile: int, cfg: dict) -> tuple[int, int, bool, int]:

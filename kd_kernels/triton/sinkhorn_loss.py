@@ -755,11 +755,10 @@ def sinkhorn_loss_fwd_triton(
     return parts.sum().to(student.dtype), cost, u, v
 
 
-def _finish(grad_like_s, grad_like_t, student, teacher, dd, inv_t, need_s, need_t, cfg):
+def _finish(student, teacher, dd, inv_t, need_s, need_t, cfg):
     """Statistics, sign tiles and softmax backward over a grid from dD (3 launches and a zero fill)."""
     b, c = student.shape
     st = _stats(student, teacher, inv_t, cfg)
-    dps, dpt = grad_like_s, grad_like_t
     dot = torch.zeros(2, b, device=student.device, dtype=torch.float32)
     gs, gt = _outputs(student, teacher, need_s, need_t)
     dps = gs if gs is not None and gs.dtype == torch.float32 else _scratch(student, need_s)
@@ -827,7 +826,7 @@ def sinkhorn_loss_bwd_triton(
         )  # fmt: skip
         if fused:
             return gs, gt
-        return _finish(None, None, student, teacher, dd, inv_t, need_student, need_teacher, cfg)
+        return _finish(student, teacher, dd, inv_t, need_student, need_teacher, cfg)
     h = torch.empty(b, b, **f32)
     w, z = torch.empty(n_iters + 1, b, **f32), torch.empty(n_iters + 1, b, **f32)
     nb = triton.cdiv(b, cfg["BM"])
@@ -838,4 +837,4 @@ def sinkhorn_loss_bwd_triton(
         )
         _sinkhorn_loss_bwd_row_kernel[(nb,)](cost, h, u, w, z, b, it, inv_eps, **bm)
     _sinkhorn_loss_bwd_col_kernel[(nb,)](g, cost, h, u, v, w, z, b, 0, n_iters, inv_eps, INIT=False, FINAL=True, **bm)
-    return _finish(None, None, student, teacher, h, inv_t, need_student, need_teacher, cfg)
+    return _finish(student, teacher, h, inv_t, need_student, need_teacher, cfg)
