@@ -241,6 +241,21 @@ def _sinkhorn_case(mod, student, teacher, reduction):
                                         need_cost, True, True)  # fmt: skip
 
 
+def _sinkhorn_loss_case(mod, student, teacher, reduction):
+    # SinKD on a teacher of the student's classes. "mean": the gate's rows as they are (N = 256:
+    # the "grid" regime, 2L + 2 launches; N = 97: "grid" with ragged blocks) and the first 64
+    # ("fused", BB = 64, the largest one-program tile); every gradient combination. "none": the SinKD default B = 32 ("fused", BB = 32; teacher-only gradient) and
+    # B = 24 over 20001 classes ("split": statistics, cost-span and sign-span grids, BB = 32).
+    import torch
+
+    shapes = [student, student[:64]] if reduction == "mean" else [student[:32], torch.randn(24, 20001).to(student.dtype)]
+    for s in shapes:
+        t = torch.randn_like(s)
+        _, cost, u, v = mod.sinkhorn_loss_fwd_triton(s, t, 2.0, 0.1, 3)
+        for needs in ((True, True), (True, False), (False, True)):
+            mod.sinkhorn_loss_bwd_triton(torch.tensor(1.0), s, t, cost, u, v, 2.0, 0.1, *needs)
+
+
 # loss -> (launcher module, case function)
 # Losses that run other losses' kernels (no Triton kernel of their own to compile).
 COMPOSITE_LOSSES = {"rkd_loss"}
@@ -265,6 +280,7 @@ TRITON_CASES = {
     "topk_reverse_kl": ("kd_kernels.triton.topk", _topk_case("reverse_kl")),
     "topk_jsd": ("kd_kernels.triton.topk", _topk_case("jsd")),
     "topk_tvd": ("kd_kernels.triton.topk", _topk_case("tvd")),
+    "sinkhorn_loss": ("kd_kernels.triton.sinkhorn_loss", _sinkhorn_loss_case),
     "sinkhorn": ("kd_kernels.triton.sinkhorn", _sinkhorn_case),
 }
 

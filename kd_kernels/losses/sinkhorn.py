@@ -14,7 +14,7 @@ from kd_kernels.ops._define import call
 __all__ = ["SinkhornLoss", "sinkhorn", "sinkhorn_loss"]
 
 # The backends each function implements (kernels: kd_kernels/ops/sinkhorn.py).
-_KERNELS = {"sinkhorn_loss": ("torch", "cuda"), "sinkhorn": ("torch", "cuda", "triton")}
+_KERNELS = {"sinkhorn_loss": ("torch", "cuda", "triton"), "sinkhorn": ("torch", "cuda", "triton")}
 # The non-tensor keyword arguments and their checks (shared with SinkhornLoss).
 _LOSS_ARGS = {
     "temperature": number(positive=True),
@@ -68,7 +68,7 @@ def sinkhorn_loss(
         temperature: softmax temperature T (> 0). Default 2.0.
         epsilon: entropic regularisation (> 0). Default 0.1.
         n_iters: number of row/column normalisation rounds (int >= 1). Default 20.
-        backend: ``"auto" | "cuda" | "triton" | "torch"``: ``"cuda"`` is csrc/cuda/sinkhorn.cu (GPU verification pending).
+        backend: ``"auto" | "cuda" | "triton" | "torch"``: ``"cuda"`` is csrc/cuda/sinkhorn.cu, ``"triton"`` kd_kernels/triton/sinkhorn_loss.py (GPU verification pending).
 
     Shape:
         - student_logits, teacher_logits: ``[B, C]``, B >= 1 (rows are samples), C >= 1.

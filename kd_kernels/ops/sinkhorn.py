@@ -66,7 +66,13 @@ def _sinkhorn_fwd_torch(
 
 
 # backend -> (forward, backward). "triton" and "cuda" kernels register here when written.
-_SINKHORN_LOSS_IMPLS = {"torch": (_torch_impl.sinkhorn_loss_fwd, _torch_impl.sinkhorn_loss_bwd)}
+_SINKHORN_LOSS_IMPLS = {
+    "torch": (_torch_impl.sinkhorn_loss_fwd, _torch_impl.sinkhorn_loss_bwd),
+    "triton": (
+        lazy("kd_kernels.triton.sinkhorn_loss", "sinkhorn_loss_fwd_triton"),
+        lazy("kd_kernels.triton.sinkhorn_loss", "sinkhorn_loss_bwd_triton"),
+    ),
+}
 # CUDA C++ (csrc/cuda/sinkhorn.cu): the op's arguments in order; unneeded gradients come back empty.
 _SINKHORN_LOSS_IMPLS["cuda"] = (cuda_function("sinkhorn_loss_fwd_cuda"), cuda_function("sinkhorn_loss_bwd_cuda"))
 _SINKHORN_IMPLS = {"torch": (_sinkhorn_fwd_torch, _torch_impl.sinkhorn_bwd)}

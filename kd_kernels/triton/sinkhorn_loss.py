@@ -8,7 +8,7 @@ PyTorch path by the op).
 
 Three regimes, chosen on the host from the shapes only (no host sync):
 
-* "fused" (B <= SMALL_B and B·B·C <= FUSED_WORK, e.g. the SinKD default B = 32, C = 100): ONE
+* "fused" (B <= SMALL_B = 64 and B·B·C <= FUSED_WORK, e.g. the SinKD default B = 32, C = 100): ONE
   program and ONE launch per direction. Forward: softmax row statistics, D tile by tile over
   classes ([BI, BI, BC] broadcast chunks, no B x B x C tensor), then K = exp(-D/eps) in registers
   ([BB, BB], BB = next power of two >= B), the L row/column normalisations as matrix-vector
@@ -22,7 +22,7 @@ Three regimes, chosen on the host from the shapes only (no host sync):
   then the fused kernel without its cost phase (iterations and loss in one program: 3 launches).
   Backward: the fused kernel without its sign phase (writes dD), then statistics, sign and
   softmax-backward launches over (row block, class span, side) (4 launches).
-* "grid" (B > SMALL_B, up to a few thousand): statistics and cost launches as "split", then one
+* "grid" (B > SMALL_B, up to a few thousand; B = 65..128 too: a one-program [128, 128] K/H tile spills): statistics and cost launches as "split", then one
   launch per half-step (u_l = 1 / (K v_{l-1}) over row blocks, v_l = 1 / (Kᵀ u_l) over column
   blocks; the last column step also gives per-block loss partials, summed by one torch op):
   2L + 2 launches plus two fills. Backward: per iteration a column launch (applies the pending
@@ -48,8 +48,9 @@ from kd_kernels._backend import TRITON_INTERPRET
 __all__ = ["SINKHORN_LOSS_CONFIGS", "sinkhorn_loss_bwd_triton", "sinkhorn_loss_fwd_triton"]
 
 # SMALL_B: largest B of the one-program ("fused"/"split") regimes: the backward keeps K and H
-# [BB, BB] fp32 (plus one product temporary) in registers, 3 x 16384 values at BB = 128 over 16
-# warps = 96 registers a thread. FUSED_WORK: B·B·C above which the cost and sign phases leave the
+# [BB, BB] fp32 (plus product temporaries) in registers; BB = 64 over 8 warps compiles without
+# spills on sm_80/sm_90, BB = 128 spilled in the compile gate (backward 300-1080 B a thread with 16
+# or 32 warps, forward 40-136 B), so B = 65..128 takes the "grid" regime. FUSED_WORK: B·B·C above which the cost and sign phases leave the
 # single program (8M abs-differences is ~50 us on one SM; beyond that a grid over class spans wins).
 # BI, BC: the [BI, BI, BC] abs-difference / sign chunk (8192 fp32 over 4 warps = 64 registers, the
 # cost tile [BI, BI] and the [BI, BC] operand tiles on top). BR, BCS: row statistics tile (16 rows
@@ -61,16 +62,16 @@ __all__ = ["SINKHORN_LOSS_CONFIGS", "sinkhorn_loss_bwd_triton", "sinkhorn_loss_f
 # and register-bound; no shared-memory pipelining.
 SINKHORN_LOSS_CONFIGS = {
     "gpu": {
-        "SMALL_B": 128, "FUSED_WORK": 1 << 23, "BI": 32, "BC": 8, "BR": 16, "BCS": 128, "BM": 64,
+        "SMALL_B": 64, "FUSED_WORK": 1 << 23, "BI": 32, "BC": 8, "BR": 16, "BCS": 128, "BM": 64,
         "C_SPAN": 256, "num_warps": 4, "num_stages": 1,
-        "fused_warps": {16: 4, 32: 4, 64: 8, 128: 16},
+        "fused_warps": {16: 4, 32: 4, 64: 8},
     },
     # interpreter: large tiles (fewer Python-level steps); SMALL_B = 64 and FUSED_WORK = 2^14 so the
     # tests reach every regime with small shapes (B = 33, C = 100 is "split"; B = 300 is "grid").
     "interpret": {
         "SMALL_B": 64, "FUSED_WORK": 1 << 14, "BI": 32, "BC": 16, "BR": 32, "BCS": 64, "BM": 64,
         "C_SPAN": 48, "num_warps": 1, "num_stages": 1,
-        "fused_warps": {16: 1, 32: 1, 64: 1, 128: 1},
+        "fused_warps": {16: 1, 32: 1, 64: 1},
     },
 }  # fmt: skip
 
@@ -121,7 +122,7 @@ def _row_stats(
         s = s * tl.exp((m - m_ref) * inv_t) + tl.sum(tl.exp((z - m_ref[:, None]) * inv_t), axis=1)
         m = m_new
     tl.store(st_ptr + offs_r, m, mask=in_r)
-    tl.store(st_ptr + B + offs_r, 1.0 / s, mask=in_r)
+    tl.store(st_ptr + B + offs_r, 1.0 / tl.where(in_r, s, 1.0), mask=in_r)
 
 
 @triton.jit
@@ -295,7 +296,11 @@ def _sinkhorn_loss_fwd_kernel(
             for j0 in range(0, B, BI):
                 offs_j = j0 + tl.arange(0, BI)
                 acc = _cost_tile(zs_ptr, zt_ptr, st_ptr, B, 0, C, s_sr, s_sc, s_tr, s_tc, inv_t, offs_i, offs_j, BI, BC)
-                tl.store(d_ptr + offs_i[:, None] * B + offs_j[None, :], acc, mask=(offs_i < B)[:, None] & (offs_j < B)[None, :])
+                tl.store(
+                    d_ptr + offs_i[:, None] * B + offs_j[None, :],
+                    acc,
+                    mask=(offs_i < B)[:, None] & (offs_j < B)[None, :],
+                )
         tl.debug_barrier()
     offs = tl.arange(0, BB)
     inb = offs < B
@@ -308,10 +313,12 @@ def _sinkhorn_loss_fwd_kernel(
     u = ones
     v = ones
     for it in range(1, L + 1):
-        u = tl.where(inb, 1.0 / tl.sum(k * v[None, :], axis=1), 0.0)
+        u = tl.where(inb, 1.0 / tl.where(inb, tl.sum(k * v[None, :], axis=1), 1.0), 0.0)
         tl.store(u_ptr + it * B + offs, u, mask=inb)
-        v = tl.where(inb, 1.0 / tl.sum(k * u[:, None], axis=0), 0.0)
+        v = tl.where(inb, 1.0 / tl.where(inb, tl.sum(k * u[:, None], axis=0), 1.0), 0.0)
         tl.store(v_ptr + it * B + offs, v, mask=inb)
+    # D is read again rather than kept live through the loop (registers: K is the one [BB, BB] tile held)
+    d = tl.load(d_ptr + offs[:, None] * B + offs[None, :], mask=m2, other=0.0)
     loss = tl.sum(tl.sum(k * d * v[None, :], axis=1) * u, axis=0)
     tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
 
@@ -361,8 +368,7 @@ def _sinkhorn_loss_bwd_kernel(
     g = tl.load(g_ptr).to(tl.float32)
     ul = tl.load(u_ptr + L * B + offs, mask=inb, other=0.0)
     vl = tl.load(v_ptr + L * B + offs, mask=inb, other=0.0)
-    uv = ul[:, None] * vl[None, :] * g
-    h = uv * d
+    h = ul[:, None] * vl[None, :] * g * d
     for it in range(L, 0, -1):
         ui = tl.load(u_ptr + it * B + offs, mask=inb, other=0.0)
         vi = tl.load(v_ptr + it * B + offs, mask=inb, other=0.0)
@@ -371,7 +377,9 @@ def _sinkhorn_loss_bwd_kernel(
         w = tl.sum(nk, axis=0) * vi
         z = (tl.sum(nk, axis=1) - ui * tl.sum(k * w[None, :], axis=1)) * ui
         h = h - ui[:, None] * w[None, :] - z[:, None] * vp[None, :]
-    dd = uv * k - h * k * inv_eps
+    # g u_L v_Lᵀ is formed again here, not kept live through the loop (registers: K and H are the
+    # [BB, BB] tiles held)
+    dd = ul[:, None] * vl[None, :] * g * k - h * k * inv_eps
     tl.store(dd_ptr + offs[:, None] * B + offs[None, :], dd, mask=m2)
     if SIGN:
         for r0 in range(0, B, BR):
@@ -395,7 +403,9 @@ def _sinkhorn_loss_bwd_kernel(
                     inv_t, offs_j, 0, C, BI, BC,
                 )  # fmt: skip
                 tl.debug_barrier()
-                _softmax_bwd_span(zt_ptr, st_ptr + 2 * B, dpt_ptr, gt_ptr, B, C, s_tr, s_tc, inv_t, offs_j, dot, 0, C, BC)
+                _softmax_bwd_span(
+                    zt_ptr, st_ptr + 2 * B, dpt_ptr, gt_ptr, B, C, s_tr, s_tc, inv_t, offs_j, dot, 0, C, BC
+                )
 
 
 # ---------------------------------------------------------------------------- grid kernels
@@ -475,7 +485,7 @@ def _sinkhorn_loss_row_kernel(
         d = tl.load(d_ptr + offs_i.to(tl.int64)[:, None] * B + offs_j[None, :], mask=m2, other=0.0)
         x = tl.load(x_ptr + offs_j, mask=in_j, other=0.0)
         acc += tl.sum(tl.where(m2, tl.exp(d * -inv_eps), 0.0) * x[None, :], axis=1)
-    tl.store(y_ptr + offs_i, 1.0 / acc, mask=in_i)
+    tl.store(y_ptr + offs_i, 1.0 / tl.where(in_i, acc, 1.0), mask=in_i)
 
 
 # Column half-step over a column block:  y_j = 1 / sum_i K_ij x_i   (v_l = 1 / (Kᵀ u_l)); with LOSS
@@ -506,7 +516,7 @@ def _sinkhorn_loss_col_kernel(
         acc += tl.sum(kx, axis=0)
         if LOSS:
             acd += tl.sum(kx * d, axis=0)
-    y = tl.where(in_j, 1.0 / acc, 0.0)
+    y = tl.where(in_j, 1.0 / tl.where(in_j, acc, 1.0), 0.0)
     tl.store(y_ptr + offs_j, y, mask=in_j)
     if LOSS:
         tl.store(part_ptr + pid, tl.sum(acd * y, axis=0))
