@@ -19,13 +19,9 @@ kd_kernels/ops/_define.py).
 N x N form (N <= max(Ds, Dt)) of gram / CKA / relation: the torch path for now, as the Triton
 launchers (the saved layout is then the torch path's N x N one).
 
-Procrustes (no Triton Procrustes helper exists yet to share): the forward is the products pass
-(X̃ᵀỸ and the Frobenius scales from the traces of the rank-1-corrected XᵀWX, YᵀWY) and the torch
-path's polar factor (torch_impl._polar_gram / _polar_svd on the small Ds x Dt matrix). Backward
-(torch_impl.procrustes_backward's formula) G = W Ỹ (k' Πᵀ) is one one-sided GEMM pass; the
-projection G − [s_x > EPS](⟨G, X̃⟩ / s_x²) X̃ runs as torch ops on [B, N, D] ("Left": ⟨G, X̃⟩ =
-k' ⟨X̃ᵀỸ, Π⟩ would need X̃ᵀỸ, which the saved layout does not hold). The products pass also forms
-XᵀWX and YᵀWY although only their traces are used ("Left": a cross-product-only variant).
+Procrustes: kd_kernels/triton/procrustes.py's ``procrustes_forward`` / ``procrustes_backward``
+with ``prims=CUDA_PRIMS`` (products pass, the polar factor on the small Ds x Dt matrix: SVD / eigh
+or Newton–Schulz above 512, one one-sided backward GEMM pass; its docstring lists what is left).
 """
 
 from __future__ import annotations
@@ -38,6 +34,7 @@ import torch
 from kd_kernels.ops._define import cuda_function
 from kd_kernels.torch_impl import geometry as _torch
 from kd_kernels.triton import geometry as _tg
+from kd_kernels.triton import procrustes as _procrustes
 
 __all__ = [
     "CUDA_PRIMS",
@@ -152,59 +149,13 @@ def relation_bwd_cuda(grad, student, teacher, mask, *rest):
     )
 
 
-# Procrustes forward (D x D products for every N: M is always Ds x Dt). With the products P of the
-# shifted rows x' = x − c (c = a kept row for fp32 with centring, as _dd_forward; else c = 0) and
-# δ = Σ w x' / n:  X̃ᵀỸ = P_xy − n δ_x δ_yᵀ,  ‖X̃‖²_F = tr P_xx − n ‖δ_x‖²,  μ = c + δ.
+# Procrustes: the shared launch logic of kd_kernels/triton/procrustes.py (products pass, polar
+# factor, one-sided backward GEMM) on the CUDA C++ primitives.
 def procrustes_fwd_cuda(student, teacher, mask, center: bool):
-    x, y, w = _tg._views(student, teacher, mask)
-    shift = _tg._shifts(x, y, w) if center and x.dtype == torch.float32 else None
-    mxx, mxy, myy, csx, csy, cnt = _products(x, y, w, None, None, shift)
-    tr_x = mxx.diagonal(dim1=1, dim2=2).sum(dim=1)
-    tr_y = myy.diagonal(dim1=1, dim2=2).sum(dim=1)
-    mu_x = mu_y = x.new_empty(0, dtype=torch.float32)
-    if center:
-        d_x, d_y = csx / cnt[:, None], csy / cnt[:, None]  # 0/0 = NaN for an item without kept rows
-        mu_x, mu_y = (d_x, d_y) if shift is None else (shift[0] + d_x, shift[1] + d_y)
-        mxy = mxy - cnt[:, None, None] * d_x[:, :, None] * d_y[:, None, :]
-        tr_x = tr_x - cnt * d_x.square().sum(dim=1)
-        tr_y = tr_y - cnt * d_y.square().sum(dim=1)
-    s_x = tr_x.clamp_min(0).sqrt().clamp_min(EPS)
-    s_y = tr_y.clamp_min(0).sqrt().clamp_min(EPS)
-    m = mxy / (s_x * s_y)[:, None, None]
-    # the torch path's polar factor and its non-finite rule (torch_impl.procrustes_forward)
-    bad = ~torch.isfinite(m).all(dim=(1, 2))
-    m = torch.where(bad[:, None, None], 0.0, m)
-    try:
-        nuc, polar = _torch._polar_gram(m) if _torch.use_gram_eigh(m) else _torch._polar_svd(m)
-    except torch.linalg.LinAlgError as err:  # finite but did not converge (not seen in practice)
-        raise RuntimeError(f"procrustes_loss: the SVD of X̄ᵀȲ did not converge: {err}") from None
-    polar = torch.where(bad[:, None, None], torch.nan, polar)
-    loss = (2 - 2 * torch.where(bad, torch.nan, nuc)).mean().to(student.dtype)
-    return loss, mu_x, s_x, mu_y, s_y, polar
+    loss, saved = _procrustes.procrustes_forward(student, teacher, mask, center, prims=CUDA_PRIMS)
+    return (loss, *saved)
 
 
 def procrustes_bwd_cuda(grad, student, teacher, mask, mu_x, s_x, mu_y, s_y, polar, center, need_x, need_y):
-    """torch_impl.procrustes_backward's formula: G = W Ỹ (k' Πᵀ), k' = −2 (grad / B) / (s_x s_y), then
-    ∂ℓ/∂X = G − [s_x > EPS] (⟨G, X̃⟩ / s_x²) X̃ (and symmetrically for Y with Π)."""
-    x, y, w = _tg._views(student, teacher, mask)
-    k = (-2 * grad.to(torch.float32) / x.shape[0]) / (s_x * s_y)  # [B]
-    out = []
-    for need, z, o, mu, mu_o, s, pi, src in (
-        (need_x, x, y, mu_x, mu_y, s_x, polar.transpose(1, 2), student),
-        (need_y, y, x, mu_y, mu_x, s_y, polar, teacher),
-    ):
-        if not need:
-            out.append(src.new_empty(0))
-            continue
-        q = (pi * k[:, None, None]).contiguous()  # [B, Do, D]
-        none = z[:, :, :0]  # a one-sided pass: no P term (Dv = 0)
-        cen = (mu_o, mu[:, :0]) if center else None
-        g = _grad_gemm(o, none, w, None, None, q, q[:, :0], cen, torch.float32)  # [B, N, D] fp32
-        zt = z.float() - mu[:, None, :] if center else z.float()
-        if w is not None:
-            zt = zt * w[..., None]
-        r = s[:, None, None]
-        dot = (g * zt).sum(dim=(1, 2))[:, None, None] / (r * r)
-        g = g.addcmul_(zt, torch.where(r > EPS, -dot, torch.zeros_like(dot)))
-        out.append(g.to(src.dtype).reshape(src.shape))
-    return out[0], out[1]
+    saved = (mu_x, s_x, mu_y, s_y, polar)
+    return _procrustes.procrustes_backward(grad, student, teacher, mask, saved, center, need_x, need_y, prims=CUDA_PRIMS)
